@@ -1,0 +1,219 @@
+"""The node's LMDB store: the one module that opens transactions.
+
+Sub-databases::
+
+    blobs     sha256 hex -> bytes          models, dataset tensors, results (content-addressed, written once)
+    datasets  name -> msgpack record       metadata, schema, mock preview, key of the tensor blob
+    jobs      job id -> msgpack record     the persisted job state machine (see job.py)
+    nonces    nonce -> expiry (8 bytes)    job-request nonces seen, to refuse replays
+    meta      key -> bytes                 store format version
+
+LMDB gives us crash safety (copy-on-write B-tree, a committed transaction survives ``kill -9``) and lets the CLI, the
+daemon and read-only Worker processes share one store. Every write happens in one short transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from hivecell.crypto.canonical import canonical_packb, strict_unpackb
+
+__all__ = ["Store", "StoreError", "open_blob_reader", "sha256_hex"]
+
+FORMAT_VERSION = b"1"
+_MAP_SIZE = 1 << 40  # address space only: LMDB files are sparse and grow with the data
+_DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta")
+_MAX_RECORD = 64 << 20
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (missing record, duplicate name, wrong format)."""
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pack(record: dict[str, Any]) -> bytes:
+    return canonical_packb(record)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    value = strict_unpackb(bytes(data), max_len=_MAX_RECORD)
+    if not isinstance(value, dict):
+        raise StoreError("corrupt record")
+    return value
+
+
+class Store:
+    """One node's store. Open with :meth:`open`; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, env: lmdb.Environment, path: Path) -> None:
+        self._env = env
+        self.path = path
+        self._db = {name.decode(): env.open_db(name) for name in _DBS}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Store:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)  # private data lives here
+        env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=len(_DBS), subdir=True, lock=True, max_readers=256)
+        store = cls(env, path)
+        with env.begin(write=True, db=store._db["meta"]) as txn:
+            version = txn.get(b"format")
+            if version is None:
+                txn.put(b"format", FORMAT_VERSION)
+            elif version != FORMAT_VERSION:
+                env.close()
+                raise StoreError(f"store format {version!r} is not supported by this version ({FORMAT_VERSION!r})")
+        return store
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- blobs -----------------------------------------------------------------------------------------------------
+    def put_blob(self, data: bytes) -> str:
+        key = sha256_hex(data)
+        with self._env.begin(write=True, db=self._db["blobs"]) as txn:
+            txn.put(key.encode(), data, overwrite=False)
+        return key
+
+    def get_blob(self, key: str) -> bytes | None:
+        with self._env.begin(db=self._db["blobs"]) as txn:
+            return txn.get(key.encode())
+
+    def delete_blob(self, key: str) -> None:
+        with self._env.begin(write=True, db=self._db["blobs"]) as txn:
+            txn.delete(key.encode())
+
+    # -- datasets --------------------------------------------------------------------------------------------------
+    def add_dataset(self, record: dict[str, Any], data: bytes) -> None:
+        """Store a dataset's tensors and its record in one transaction.
+
+        Raises:
+            StoreError: a dataset of that name exists.
+        """
+        name = record["name"]
+        key = sha256_hex(data)
+        record = dict(record, data_key=key)
+        with self._env.begin(write=True) as txn:
+            if txn.get(name.encode(), db=self._db["datasets"]) is not None:
+                raise StoreError(f"dataset {name!r} already exists")
+            txn.put(key.encode(), data, db=self._db["blobs"], overwrite=False)
+            txn.put(name.encode(), _pack(record), db=self._db["datasets"])
+
+    def get_dataset(self, name: str) -> dict[str, Any] | None:
+        with self._env.begin(db=self._db["datasets"]) as txn:
+            raw = txn.get(name.encode())
+        return None if raw is None else _unpack(raw)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        with self._env.begin(db=self._db["datasets"]) as txn:
+            return [_unpack(v) for _, v in txn.cursor()]
+
+    def remove_dataset(self, name: str) -> None:
+        """Remove a dataset and its tensors.
+
+        Raises:
+            StoreError: no such dataset.
+        """
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(name.encode(), db=self._db["datasets"])
+            if raw is None:
+                raise StoreError(f"no dataset named {name!r}")
+            record = _unpack(raw)
+            txn.delete(name.encode(), db=self._db["datasets"])
+            still_used = any(
+                _unpack(v).get("data_key") == record["data_key"] for _, v in txn.cursor(db=self._db["datasets"])
+            )
+            if not still_used:
+                txn.delete(record["data_key"].encode(), db=self._db["blobs"])
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+    def create_job(self, record: dict[str, Any], blobs: list[bytes] = ()) -> None:  # type: ignore[assignment]
+        """Persist a new job and the blobs it refers to in one transaction.
+
+        Raises:
+            StoreError: a job with that id exists.
+        """
+        with self._env.begin(write=True) as txn:
+            if txn.get(record["id"].encode(), db=self._db["jobs"]) is not None:
+                raise StoreError(f"job {record['id']} already exists")
+            for data in blobs:
+                txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
+            txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with self._env.begin(db=self._db["jobs"]) as txn:
+            raw = txn.get(job_id.encode())
+        return None if raw is None else _unpack(raw)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        with self._env.begin(db=self._db["jobs"]) as txn:
+            jobs = [_unpack(v) for _, v in txn.cursor()]
+        return sorted(jobs, key=lambda j: j.get("created", 0))
+
+    def update_job(
+        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = ()  # type: ignore[assignment]
+    ) -> dict[str, Any]:
+        """Apply ``change`` to a job record atomically (read, change, write in one transaction) and return the new one.
+
+        ``change`` may raise to abort; nothing is written then. ``blobs`` are stored in the same transaction.
+
+        Raises:
+            StoreError: no such job.
+        """
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(job_id.encode(), db=self._db["jobs"])
+            if raw is None:
+                raise StoreError(f"no job {job_id}")
+            record = change(_unpack(raw))
+            for data in blobs:
+                txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
+            txn.put(job_id.encode(), _pack(record), db=self._db["jobs"])
+        return record
+
+    # -- nonces ----------------------------------------------------------------------------------------------------
+    def remember_nonce(self, nonce: bytes, expires_at: int, *, now: float | None = None) -> bool:
+        """Record a request nonce; return False if it was seen before (a replay). Expired nonces are pruned."""
+        t = time.time() if now is None else now
+        with self._env.begin(write=True, db=self._db["nonces"]) as txn:
+            if txn.get(nonce) is not None:
+                return False
+            txn.put(nonce, struct.pack(">q", expires_at))
+            cursor = txn.cursor()
+            stale = [k for k, v in cursor if struct.unpack(">q", v)[0] < t - 3600]
+            for k in stale[:1000]:
+                txn.delete(k)
+        return True
+
+
+@contextmanager
+def open_blob_reader(path: str | os.PathLike[str]) -> Iterator[Callable[[str], memoryview | None]]:
+    """Open a store read-only (as the Worker does) and yield ``get(key)`` returning a zero-copy view of a blob.
+
+    The views are valid only inside the ``with`` block.
+    """
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=len(_DBS), subdir=True, max_readers=256)
+    try:
+        blobs = env.open_db(b"blobs", create=False)
+        with env.begin(db=blobs, buffers=True) as txn:
+            yield lambda key: txn.get(key.encode())
+    finally:
+        env.close()
