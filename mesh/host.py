@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import multiaddr
 import trio
@@ -36,6 +37,7 @@ __all__ = ["MeshHost", "open_host", "RemoteError", "PeerUnreachable", "Reply", "
 
 logger = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 REQUEST_TIMEOUT_S = 30.0
 
@@ -168,9 +170,10 @@ class MeshHost:
                 pass
 
     async def request(
-        self, peer_id: str, protocol: Protocol, message: Message, *, timeout: float = REQUEST_TIMEOUT_S
-    ) -> Message:
-        """Send one request and return the single reply.
+        self, peer_id: str, protocol: Protocol, message: Message, *, expect: type[M],
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> M:
+        """Send one request and return the single reply, which must be an ``expect``.
 
         Raises:
             RemoteError: the peer answered with an error code.
@@ -181,6 +184,8 @@ class MeshHost:
             reply = await replies.receive(timeout=timeout)
         if reply is None:
             raise PeerUnreachable(f"{short(peer_id)} closed the stream without a reply")
+        if not isinstance(reply, expect):
+            raise RemoteProtocolError(f"expected {expect.TAG!r}, got {reply.TAG!r}")
         return reply
 
     @asynccontextmanager

@@ -45,6 +45,7 @@ class ErrorCode:
     BAD_PLAN = "bad_plan"
     NOT_READY = "not_ready"
     WITHHELD = "withheld"
+    JOB_FAILED = "job_failed"
     BUSY = "busy"
     INTERNAL = "internal"
 

@@ -189,6 +189,19 @@ class Store:
             txn.put(job_id.encode(), _pack(record), db=self._db["jobs"])
         return record
 
+    def claim_next_job(
+        self, state: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Atomically take the oldest job in ``state`` and apply ``change`` to it; ``None`` if there is none."""
+        with self._env.begin(write=True) as txn:
+            candidates = [_unpack(v) for _, v in txn.cursor(db=self._db["jobs"])]
+            waiting = sorted((j for j in candidates if j.get("state") == state), key=lambda j: j.get("created", 0))
+            if not waiting:
+                return None
+            record = change(waiting[0])
+            txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
+        return record
+
     # -- nonces ----------------------------------------------------------------------------------------------------
     def remember_nonce(self, nonce: bytes, expires_at: int, *, now: float | None = None) -> bool:
         """Record a request nonce; return False if it was seen before (a replay). Expired nonces are pruned."""

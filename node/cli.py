@@ -1,0 +1,388 @@
+"""``hivecell``: the command line of a Hivecell node.
+
+Human output by default, ``--json`` for scripts on every listing; failures exit with a named code (see ``ExitCode``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .home import Home, default_home
+
+__all__ = ["main", "ExitCode"]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # something unexpected; the message says what
+    USAGE = 2  # bad command line (click's own code)
+    NOT_FOUND = 3  # no such dataset, job, file or home
+    CONFLICT = 4  # exists already, or not in a state that allows this
+    NOT_RUNNING = 5  # no daemon runs for this home
+    BAD_INPUT = 6  # a file or value that cannot be used
+    JOB_FAILED = 7  # a job failed or its result was withheld
+    UNVERIFIED = 8  # a result whose sign-off did not verify
+    UNREACHABLE = 9  # a peer could not be reached
+
+
+EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.exit_code = int(code)
+
+
+def jsonable(value: Any) -> Any:
+    """JSON has no infinity and no bytes: infinity becomes null, bytes their length."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": len(value)}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(jsonable(value), indent=2, sort_keys=True))
+
+
+def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
+    level = default if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # py-libp2p logs routine stream closes at WARNING/ERROR; keep them out of the operator's way unless debugging.
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Node home (key, store). Default: $HIVECELL_HOME, else ~/.hivecell.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="hivecell")
+@click.pass_context
+def cli(ctx: click.Context, home_dir: Path | None, verbose: int) -> None:
+    """Hivecell Mesh: federated learning on a peer-to-peer mesh of edge boxes.
+
+    A node keeps private datasets, runs training jobs sent by data scientists in a sandboxed Worker, and releases
+    results only with the data owner's signed sign-off. Start with `hivecell demo`.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = Home((home_dir or default_home()).expanduser())
+    ctx.obj["verbose"] = verbose
+    if ctx.invoked_subcommand != "run":
+        _setup_logging(verbose)
+
+
+def _home(ctx: click.Context) -> Home:
+    return ctx.obj["home"]
+
+
+def _store(ctx: click.Context):
+    from .store import Store, StoreError
+
+    home = _home(ctx)
+    if not home.is_initialized():
+        raise CliError(f"{home.path} is not a node home; run: hivecell --home {home.path} init", ExitCode.NOT_FOUND)
+    try:
+        return Store.open(home.store_path)
+    except StoreError as exc:
+        raise CliError(str(exc), ExitCode.FAILURE) from exc
+
+
+# -- init / run / status ------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def init(ctx: click.Context, as_json: bool) -> None:
+    """Create the node home: an Ed25519 node key (mode 0600) and an empty store. Safe to run twice."""
+    home = _home(ctx)
+    identity, created = home.init()
+    _store(ctx).close()
+    if as_json:
+        emit_json({"home": str(home.path), "peer_id": identity.peer_id, "created": created})
+    else:
+        click.echo(f"{'created' if created else 'already initialised'}: {home.path}")
+        click.echo(f"peer id: {identity.peer_id}")
+
+
+@cli.command()
+@click.option("--listen", multiple=True, metavar="MULTIADDR",
+              help="Listen address, repeatable. Default /ip4/127.0.0.1/tcp/0 (loopback, any free port); "
+                   "use /ip4/0.0.0.0/tcp/4001 to serve a LAN.")
+@click.option("--warm-workers", type=click.IntRange(0, 8), default=1, show_default=True,
+              help="Worker interpreters kept started (torch imported) so a job does not wait for one. "
+                   "Each serves one job and exits.")
+@click.option("--max-jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs run at once.")
+@click.option("--worker-timeout", type=click.FloatRange(1, 7 * 24 * 3600), default=3600.0, show_default=True,
+              help="Wall-time limit of one job, seconds; the Worker is killed after it.")
+@click.option("--worker-memory-mb", type=click.IntRange(256, 1 << 20), default=4096, show_default=True,
+              help="Memory limit of one Worker, MiB.")
+@click.option("--worker-threads", type=click.IntRange(1, 256), default=None, help="torch threads per Worker.")
+@click.pass_context
+def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs: int, worker_timeout: float,
+        worker_memory_mb: int, worker_threads: int | None) -> None:
+    """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it)."""
+    import trio
+
+    from .daemon import DaemonConfig, serve_daemon
+
+    _setup_logging(ctx.obj["verbose"], default=logging.INFO)
+    home = _home(ctx)
+    if home.daemon_info() is not None:
+        raise CliError(f"a daemon already runs for {home.path} (see hivecell status)", ExitCode.CONFLICT)
+    config = DaemonConfig(listen=list(listen) or ["/ip4/127.0.0.1/tcp/0"], warm_workers=warm_workers,
+                          max_concurrent_jobs=max_jobs, worker_wall_s=worker_timeout,
+                          worker_memory_mb=worker_memory_mb, worker_threads=worker_threads)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        logging.getLogger(__name__).info("signal %d: stopping", signum)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            addrs = await nursery.start(serve_daemon, home, config)
+            for addr in addrs:
+                click.echo(f"listening on {addr}")
+            sys.stdout.flush()
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        raise CliError(f"cannot start the daemon: {exc}", ExitCode.FAILURE) from exc
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Say whether this home's daemon runs, and where (exit 5 if it does not)."""
+    info = _home(ctx).daemon_info()
+    if as_json:
+        emit_json({"running": info is not None, **(info or {})})
+    elif info:
+        click.echo(f"running (pid {info['pid']}), peer id {info['peer_id']}")
+        for addr in info["addrs"]:
+            click.echo(f"  {addr}")
+    if info is None:
+        if not as_json:
+            click.echo("not running")
+        ctx.exit(ExitCode.NOT_RUNNING)
+
+
+# -- datasets -----------------------------------------------------------------------------------------------------
+@cli.group()
+def dataset() -> None:
+    """Register, list and remove this node's private datasets."""
+
+
+@dataset.command("add")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--label-column", default="label", show_default=True, help="CSV: the column holding the labels.")
+@click.option("--features-key", default=None, help="NPZ: array of features (default: features, x, X, data).")
+@click.option("--labels-key", default=None, help="NPZ: array of labels (default: labels, y, Y, target).")
+@click.option("--tag", "tags", multiple=True, help="A search tag, repeatable (e.g. --tag digits --tag images).")
+@click.option("--description", default="", help="What the data is, for scientists.")
+@click.option("--signoff", type=click.Choice(["auto", "manual"]), default="auto", show_default=True,
+              help="auto: the node signs off results itself; manual: each waits for `hivecell jobs approve`.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def dataset_add(ctx: click.Context, name: str, file: Path, label_column: str, features_key: str | None,
+                labels_key: str | None, tags: tuple[str, ...], description: str, signoff: str, as_json: bool) -> None:
+    """Register FILE (.npz with features + labels, or .csv with a header) as dataset NAME."""
+    from .dataset import DatasetError, encode_tensors, load_file, make_record, summary
+    from .store import StoreError
+
+    with _store(ctx) as store:
+        try:
+            x, y, names = load_file(file, label_column=label_column, features_key=features_key,
+                                    labels_key=labels_key)
+            record = make_record(name=name, features=x, labels=y, feature_names=names, description=description,
+                                 tags=list(tags), signoff=signoff, owner=_home(ctx).identity().peer_id)
+        except DatasetError as exc:
+            raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+        try:
+            store.add_dataset(record, encode_tensors(x, y))
+        except StoreError as exc:
+            raise CliError(str(exc), ExitCode.CONFLICT) from exc
+    if as_json:
+        emit_json(summary(record))
+    else:
+        s = record["schema"]
+        click.echo(f"added {name}: {s['num_samples']} samples of shape {s['feature_shape']}, {s['task']}"
+                   + (f", {s['num_classes']} classes" if "num_classes" in s else "")
+                   + f", sign-off {signoff}")
+
+
+@dataset.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def dataset_list(ctx: click.Context, as_json: bool) -> None:
+    """List this node's datasets."""
+    from .dataset import summary
+
+    with _store(ctx) as store:
+        records = [summary(r) for r in store.list_datasets()]
+    if as_json:
+        emit_json(records)
+        return
+    if not records:
+        click.echo("no datasets; add one with: hivecell dataset add NAME FILE")
+    for r in records:
+        s = r["schema"]
+        click.echo(f"{r['name']:<24} {s['num_samples']:>8} samples  {s['task']:<14} sign-off {r['signoff']:<6}"
+                   f"  tags: {', '.join(r['tags']) or '-'}")
+
+
+@dataset.command("remove")
+@click.argument("name")
+@click.pass_context
+def dataset_remove(ctx: click.Context, name: str) -> None:
+    """Remove dataset NAME and its data from this node."""
+    from .store import StoreError
+
+    with _store(ctx) as store:
+        try:
+            store.remove_dataset(name)
+        except StoreError as exc:
+            raise CliError(str(exc), ExitCode.NOT_FOUND) from exc
+    click.echo(f"removed {name}")
+
+
+# -- jobs ---------------------------------------------------------------------------------------------------------
+@cli.group()
+def jobs() -> None:
+    """See the jobs scientists sent, and approve or reject results waiting for sign-off."""
+
+
+def _job_view(job: dict[str, Any]) -> dict[str, Any]:
+    keep = ("id", "state", "dataset", "scientist", "plan_hash", "recipe", "reason", "attempts", "created", "updated",
+            "progress", "timings", "metrics", "result_hash", "decision", "policy")
+    return {k: job[k] for k in keep if k in job}
+
+
+@jobs.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def jobs_list(ctx: click.Context, as_json: bool) -> None:
+    """List jobs, oldest first."""
+    with _store(ctx) as store:
+        records = [_job_view(j) for j in store.list_jobs()]
+    if as_json:
+        emit_json(records)
+        return
+    if not records:
+        click.echo("no jobs")
+    for j in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created"]))
+        acc = j.get("metrics", {}).get("accuracy")
+        click.echo(f"{j['id']}  {when}  {j['state']:<17} {j['dataset']:<20} scientist …{j['scientist'][-8:]}"
+                   + (f"  accuracy {acc:.3f}" if isinstance(acc, float) else ""))
+
+
+def _get_job(store: Any, job_id: str) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job is None:
+        raise CliError(f"no job {job_id}", ExitCode.NOT_FOUND)
+    return job
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Show one job in full."""
+    with _store(ctx) as store:
+        job = _job_view(_get_job(store, job_id))
+    if as_json:
+        emit_json(job)
+        return
+    for key, value in jsonable(job).items():
+        click.echo(f"{key:>12}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@jobs.command("approve")
+@click.argument("job_id")
+@click.pass_context
+def jobs_approve(ctx: click.Context, job_id: str) -> None:
+    """Sign off the result of JOB_ID (waiting in awaiting_signoff) so the scientist can fetch it."""
+    from .job import InvalidTransition
+    from .release import approve_job
+
+    with _store(ctx) as store:
+        _get_job(store, job_id)
+        try:
+            approve_job(store, _home(ctx).identity(), job_id)
+        except InvalidTransition as exc:
+            raise CliError(str(exc), ExitCode.CONFLICT) from exc
+    click.echo(f"signed off {job_id}")
+
+
+@jobs.command("reject")
+@click.argument("job_id")
+@click.option("--reason", default="", help="Told to the scientist.")
+@click.pass_context
+def jobs_reject(ctx: click.Context, job_id: str, reason: str) -> None:
+    """Withhold the result of JOB_ID for good; the result is deleted."""
+    from .job import InvalidTransition
+    from .release import reject_job
+
+    with _store(ctx) as store:
+        _get_job(store, job_id)
+        try:
+            reject_job(store, job_id, reason)
+        except InvalidTransition as exc:
+            raise CliError(str(exc), ExitCode.CONFLICT) from exc
+    click.echo(f"withheld {job_id}")
+
+
+# -- demo ---------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--nodes", type=click.IntRange(1, 16), default=4, show_default=True, help="Node daemons to start.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=30, show_default=True, help="Training epochs.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the nodes' homes here (default: a temporary folder, removed afterwards).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of progress and a summary.")
+@click.pass_context
+def demo(ctx: click.Context, nodes: int, epochs: int, workdir: Path | None, as_json: bool) -> None:
+    """Start a local mesh of node daemons holding shards of the digits data, train a CNN on one, verify, report."""
+    from .demo import DemoError, run_demo
+
+    try:
+        report = run_demo(nodes=nodes, epochs=epochs, workdir=workdir, quiet=as_json)
+    except DemoError as exc:
+        raise CliError(str(exc), exc.exit_code) from exc
+    if as_json:
+        emit_json(report)
+    if report["job"]["status"] != "released":
+        ctx.exit(ExitCode.JOB_FAILED)
+    if not report["job"]["signoff_verified"]:
+        ctx.exit(ExitCode.UNVERIFIED)
+
+
+def main() -> None:
+    cli(prog_name="hivecell")
+
+
+if __name__ == "__main__":
+    main()
+

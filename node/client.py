@@ -1,0 +1,300 @@
+"""The data scientist's client: join the mesh, list a node's datasets, send a plan, wait, verify, get the model.
+
+Two faces:
+
+* :class:`Client` -- the async (trio) API: ``async with Client.connect(addr) as c: ...``
+* :class:`BlockingClient` -- the same calls from plain code or a Jupyter notebook. It runs trio in a thread of its own,
+  so it works under a notebook's asyncio loop.
+
+A result is handed over only after :func:`~hivecell.crypto.signoff.verify_signoff` accepted its sign-off: signed by the
+dataset's advertised owner, for this job, this plan, this scientist, this dataset and exactly the bytes received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from hivecell.crypto.canonical import CanonicalError, strict_unpackb
+from hivecell.crypto.identity import Identity
+from hivecell.crypto.record import InvalidRecord, seal
+from hivecell.crypto.signoff import SignOff, SignoffRejected, verify_signoff
+from hivecell.mesh.host import MeshHost, PeerUnreachable, RemoteError, open_host
+from hivecell.mesh.message import ErrorCode
+
+from .dataset import DatasetInfo, open_advert
+from .job import TERMINAL, JobState
+from .wire import (
+    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
+    ListDatasets, SubmitJob, WatchJob,
+)
+
+__all__ = ["Client", "BlockingClient", "JobResult", "JobFailed", "ResultRejected", "RemoteError", "PeerUnreachable"]
+
+logger = logging.getLogger(__name__)
+JOB_REQUEST_TTL_S = 300
+
+
+class JobFailed(Exception):
+    """The job ended without a released result (failed, or withheld by the data owner)."""
+
+    def __init__(self, job_id: str, state: str, reason: str) -> None:
+        super().__init__(f"job {job_id} {state}: {reason}")
+        self.job_id, self.state, self.reason = job_id, state, reason
+
+
+class ResultRejected(Exception):
+    """The node returned a result whose sign-off does not verify; it was discarded."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A released, verified result."""
+
+    job_id: str
+    weights: bytes  # safetensors, same names as the model's state_dict
+    metrics: dict[str, Any]
+    signoff: SignOff
+    signoff_record: bytes
+    result_hash: str
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trained weights as torch tensors (imports torch)."""
+        from .plan import load_weights
+
+        return load_weights(self.weights)
+
+    def apply_to(self, model: Any) -> Any:
+        """Load the trained weights into ``model`` (the module the plan was built from) and return it."""
+        from .plan import apply_weights
+
+        apply_weights(model, self.weights)
+        return model
+
+
+class Client:
+    """A scientist's connection to one node. Create with :meth:`connect`."""
+
+    def __init__(self, host: MeshHost, node: str, address: str) -> None:
+        self.host, self.node, self.address = host, node, address
+        self._datasets: dict[str, DatasetInfo] = {}
+        self._plans: dict[str, tuple[str, str]] = {}  # job id -> (dataset, plan hash)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, address: str, *, identity: Identity | None = None) -> AsyncIterator[Client]:
+        """Join the mesh with ``identity`` (default: a fresh ephemeral one) and dial the node at ``address``.
+
+        Raises:
+            ValueError: ``address`` is not a ``/ip4/.../tcp/.../p2p/<peer id>`` multiaddr.
+            PeerUnreachable: the node cannot be reached.
+        """
+        async with open_host(identity or Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+            node = await host.connect(address)
+            yield cls(host, node, address)
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    async def datasets(self) -> list[DatasetInfo]:
+        """The node's datasets, from adverts whose signature verifies (others are skipped and logged)."""
+        reply = await self.host.request(self.node, DATASET_PROTOCOL, ListDatasets(), expect=DatasetList)
+        out = []
+        for raw in reply.adverts:
+            try:
+                info = open_advert(raw)
+            except InvalidRecord as exc:
+                logger.warning("skipping an advert from %s: %s", self.node[-8:], exc.reason)
+                continue
+            if info.node != self.node:
+                logger.warning("skipping an advert signed by %s, not by the node", info.node[-8:])
+                continue
+            out.append(info)
+        self._datasets = {d.name: d for d in out}
+        return out
+
+    async def submit(self, dataset: str, plan: Any) -> str:
+        """Send ``plan`` (from :func:`hivecell.node.plan.build_plan`) to run on ``dataset``; return the job id.
+
+        Raises:
+            RemoteError: the node refused the job (``.code`` says why: unknown_dataset, bad_recipe, bad_plan, ...).
+        """
+        job_id = uuid.uuid4().hex
+        request = seal(self.host.identity, JOB_DOMAIN, {
+            "job_id": job_id, "node": self.node, "dataset": dataset, "plan_hash": plan.hash, "recipe": plan.recipe,
+        }, ttl=JOB_REQUEST_TTL_S, with_nonce=True)
+        reply = await self.host.request(
+            self.node, JOB_PROTOCOL, SubmitJob(request=request, program=plan.program, weights=plan.weights),
+            expect=JobAccepted, timeout=120.0)
+        self._plans[job_id] = (dataset, plan.hash)
+        return job_id
+
+    async def status(self, job_id: str, *, since: int = 0, wait_s: float = 0.0) -> JobStatus:
+        reply = await self.host.request(self.node, JOB_PROTOCOL, WatchJob(job_id=job_id, since=since, wait_s=wait_s),
+                                        expect=JobStatus, timeout=wait_s + 30.0)
+        if reply.job_id != job_id:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered about another job")
+        return reply
+
+    async def wait(self, job_id: str, *, timeout: float | None = None,
+                   on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        """Wait until the job is released, withheld or failed; call ``on_progress`` on every change.
+
+        Raises:
+            trio.TooSlowError: not finished within ``timeout``.
+        """
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            status = await self.status(job_id)
+            if on_progress:
+                on_progress(status)
+            while JobState(status.state) not in TERMINAL:
+                nxt = await self.status(job_id, since=status.seq, wait_s=MAX_WATCH_S)
+                if nxt.seq != status.seq and on_progress:
+                    on_progress(nxt)
+                status = nxt
+            return status
+
+    async def result(self, job_id: str) -> JobResult:
+        """Fetch and verify a released result.
+
+        Raises:
+            RemoteError: not released (``not_ready``, ``withheld``, ``job_failed``).
+            ResultRejected: the sign-off does not verify; the result is discarded.
+        """
+        reply = await self.host.request(self.node, JOB_PROTOCOL, FetchResult(job_id=job_id), expect=JobResultMsg,
+                                        timeout=120.0)
+        return self.verify(job_id, reply.result, reply.signoff)
+
+    def verify(self, job_id: str, result: bytes, signoff: bytes) -> JobResult:
+        """Check a result against its sign-off and what this client asked; return it decoded.
+
+        Raises:
+            ResultRejected: wrong signer, wrong job/plan/scientist/dataset, result bytes that are not the signed ones,
+                or a result that does not decode.
+        """
+        dataset, p_hash = self._plans.get(job_id, (None, None))
+        owner = self._datasets[dataset].owner if dataset in self._datasets else self.node
+        result_hash = hashlib.sha256(result).hexdigest()
+        try:
+            statement, _ = verify_signoff(signoff, owner=owner, job_id=job_id, result_hash=result_hash,
+                                          plan_hash=p_hash, scientist=self.peer_id, dataset=dataset)
+        except SignoffRejected as exc:
+            raise ResultRejected(f"result of job {job_id} refused: {exc.reason}") from exc
+        try:
+            body = strict_unpackb(result, max_len=len(result))
+            weights, metrics = body["weights"], body["metrics"]
+            if not isinstance(weights, bytes) or not isinstance(metrics, dict):
+                raise TypeError
+        except (CanonicalError, KeyError, TypeError) as exc:
+            raise ResultRejected(f"result of job {job_id} is malformed") from exc
+        return JobResult(job_id=job_id, weights=weights, metrics=metrics, signoff=statement, signoff_record=signoff,
+                         result_hash=result_hash)
+
+    async def train(self, dataset: str, plan: Any, *, timeout: float | None = None,
+                    on_progress: Callable[[JobStatus], None] | None = None) -> JobResult:
+        """Submit, wait, verify: the whole data-centric round trip.
+
+        Raises:
+            JobFailed: the job failed or the owner withheld the result. Plus what submit/result raise.
+        """
+        job_id = await self.submit(dataset, plan)
+        status = await self.wait(job_id, timeout=timeout, on_progress=on_progress)
+        if status.state != JobState.RELEASED.value:
+            raise JobFailed(job_id, status.state, status.reason)
+        return await self.result(job_id)
+
+
+class BlockingClient:
+    """:class:`Client` for code without an event loop of its own (scripts, notebooks).
+
+    ``client = BlockingClient("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...")``; call the same methods without ``await``;
+    ``client.close()`` (or use it as a context manager) when done.
+    """
+
+    def __init__(self, address: str, *, identity: Identity | None = None, connect_timeout: float = 30.0) -> None:
+        self._calls: queue.Queue[Any] = queue.Queue()
+        ready: queue.Queue[Any] = queue.Queue()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._client: Client | None = None
+
+        async def main() -> None:
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            try:
+                async with Client.connect(address, identity=identity) as client:
+                    self._client = client
+                    ready.put(None)
+                    await self._stop.wait()
+            except BaseException as exc:  # hand connect errors to the caller's thread
+                ready.put(exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+        self._thread = threading.Thread(target=trio.run, args=(main,), name="hivecell-client", daemon=True)
+        self._thread.start()
+        try:
+            err = ready.get(timeout=connect_timeout)
+        except queue.Empty:
+            raise PeerUnreachable(f"could not connect to {address} within {connect_timeout} s") from None
+        if err is not None:
+            raise err
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._client is None or self._token is None:
+            raise RuntimeError("the client is closed")
+        fn = getattr(self._client, name)
+        return trio.from_thread.run(lambda: fn(*args, **kwargs), trio_token=self._token)
+
+    @property
+    def peer_id(self) -> str:
+        assert self._client is not None
+        return self._client.peer_id
+
+    def datasets(self) -> list[DatasetInfo]:
+        return self._call("datasets")
+
+    def submit(self, dataset: str, plan: Any) -> str:
+        return self._call("submit", dataset, plan)
+
+    def status(self, job_id: str) -> JobStatus:
+        return self._call("status", job_id)
+
+    def wait(self, job_id: str, *, timeout: float | None = None,
+             on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        return self._call("wait", job_id, timeout=timeout, on_progress=on_progress)
+
+    def result(self, job_id: str) -> JobResult:
+        return self._call("result", job_id)
+
+    def train(self, dataset: str, plan: Any, *, timeout: float | None = None,
+              on_progress: Callable[[JobStatus], None] | None = None) -> JobResult:
+        return self._call("train", dataset, plan, timeout=timeout, on_progress=on_progress)
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join(timeout=10)
+        self._client = None
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+

@@ -1,0 +1,264 @@
+"""The node daemon: serves dataset adverts and jobs to peers, runs jobs in Worker subprocesses, signs off results.
+
+The daemon never imports torch: plans are audited as JSON and safetensors headers here, and only the Worker (a fresh
+interpreter per job) loads them. Everything a peer sends is size-capped by the framing layer, decoded strictly into a
+typed message, and checked here in this order: signature, signer = connection peer, freshness, target node, replay
+(nonce), dataset, recipe, plan audit, plan hash. Peers get error codes; details go to the local log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from hivecell.crypto.identity import Identity
+from hivecell.crypto.record import InvalidRecord, open_record
+from hivecell.mesh.host import RemoteError, Reply, open_host, short
+from hivecell.mesh.message import ErrorCode, Message
+
+from . import job as jobsm
+from .dataset import make_advert
+from .home import Home
+from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
+from .release import complete_job
+from .store import Store, StoreError, sha256_hex
+from .wire import (
+    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
+    ListDatasets, SubmitJob, WatchJob,
+)
+from .workerpool import WorkerFailed, WorkerJob, WorkerLimits, open_worker_pool
+
+__all__ = ["DaemonConfig", "Daemon", "serve_daemon", "recover_jobs", "JOB_REQUEST_MAX_TTL_S"]
+
+logger = logging.getLogger(__name__)
+
+JOB_REQUEST_MAX_TTL_S = 600  # a signed job request is good for at most 10 minutes; its nonce is kept at least that long
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    warm_workers: int = 1
+    max_concurrent_jobs: int = 1
+    worker_wall_s: float = 3600.0
+    worker_memory_mb: int = 4096
+    worker_threads: int | None = None
+    max_attempts: int = jobsm.MAX_ATTEMPTS
+
+
+def _status(job: dict[str, Any]) -> JobStatus:
+    return JobStatus(job_id=job["id"], state=job["state"], seq=job["seq"], reason=job.get("reason", ""),
+                     progress=job.get("progress", {}), timings=job.get("timings", {}))
+
+
+class Daemon:
+    def __init__(self, *, identity: Identity, store: Store, pool: Any, config: DaemonConfig) -> None:
+        self.identity, self.store, self.pool, self.config = identity, store, pool, config
+        self._changed = trio.Event()
+        self._work = trio.Event()
+
+    # -- notifications ---------------------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    # -- /hivecell/dataset/1.0.0 -----------------------------------------------------------------------------------
+    async def handle_dataset(self, peer: str, message: Message, reply: Reply) -> None:
+        if not isinstance(message, ListDatasets):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "expected a dataset list request")
+        records = await trio.to_thread.run_sync(self.store.list_datasets)
+        await reply.send(DatasetList(adverts=[make_advert(self.identity, r) for r in records]))
+
+    # -- /hivecell/job/1.0.0 ---------------------------------------------------------------------------------------
+    async def handle_job(self, peer: str, message: Message, reply: Reply) -> None:
+        if isinstance(message, SubmitJob):
+            job = await self._submit(peer, message)
+            await reply.send(JobAccepted(job_id=job["id"], state=job["state"]))
+        elif isinstance(message, WatchJob):
+            await reply.send(_status(await self._watch(peer, message)))
+        elif isinstance(message, FetchResult):
+            await reply.send(await self._fetch(peer, message))
+        else:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "not a request")
+
+    async def _submit(self, peer: str, msg: SubmitJob) -> dict[str, Any]:
+        try:
+            request = open_record(msg.request, domain=JOB_DOMAIN)
+        except InvalidRecord as exc:
+            logger.info("job request from %s refused: %s", short(peer), exc.reason)
+            if exc.reason in ("expired", "issued in the future"):
+                raise RemoteError(ErrorCode.EXPIRED, "the job request is expired or not yet valid; check the clocks")
+            raise RemoteError(ErrorCode.BAD_SIGNATURE, "the job request is not validly signed") from None
+        if request.signer != peer:
+            raise RemoteError(ErrorCode.FORBIDDEN, "the job request must be signed by the peer that sends it")
+        if request.expires_at - request.issued_at > JOB_REQUEST_MAX_TTL_S:
+            raise RemoteError(ErrorCode.EXPIRED, f"a job request may be valid for at most {JOB_REQUEST_MAX_TTL_S} s")
+        if request.nonce is None:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "a job request needs a nonce")
+        f = request.fields()
+        job_id, node, dataset_name, p_hash, recipe = (f.get(k) for k in ("job_id", "node", "dataset", "plan_hash",
+                                                                         "recipe"))
+        if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(node, str)
+                and isinstance(dataset_name, str) and isinstance(p_hash, str) and _HASH.match(p_hash)):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "a job request has job_id (32 hex), node, dataset, plan_hash")
+        if node != self.identity.peer_id:
+            raise RemoteError(ErrorCode.WRONG_NODE, "this job request is addressed to another node")
+        if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
+            logger.info("replayed job request %s from %s", job_id, short(peer))
+            raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
+        dataset = await trio.to_thread.run_sync(self.store.get_dataset, dataset_name)
+        if dataset is None:
+            raise RemoteError(ErrorCode.UNKNOWN_DATASET, f"no dataset named {dataset_name[:64]!r} on this node")
+        try:
+            normalized = validate_recipe(recipe).to_dict()
+            if normalized["task"] != dataset["schema"]["task"]:
+                raise PlanError("bad_recipe", f"the dataset is for {dataset['schema']['task']}, "
+                                              f"the recipe asks for {normalized['task']}")
+            await trio.to_thread.run_sync(audit_program, msg.program)
+            await trio.to_thread.run_sync(audit_weights, msg.weights)
+        except PlanError as exc:
+            logger.info("job %s from %s refused: %s", job_id, short(peer), exc.message)
+            raise RemoteError(exc.code, exc.message) from None
+        if await trio.to_thread.run_sync(plan_hash, msg.program, msg.weights, recipe) != p_hash:
+            raise RemoteError(ErrorCode.BAD_PLAN, "the plan does not match the plan_hash the request signs")
+        job = jobsm.new_job(
+            job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized,
+            program_key=sha256_hex(msg.program), weights_key=sha256_hex(msg.weights), request=msg.request,
+            policy=dataset["signoff"],
+        )
+        job["timings"] = {"received": job["created"]}
+        try:
+            await trio.to_thread.run_sync(self.store.create_job, job, [msg.program, msg.weights])
+        except StoreError:
+            raise RemoteError(ErrorCode.REPLAY, "a job with this id exists") from None
+        logger.info("job %s queued: dataset %s, scientist %s", job_id, dataset_name, short(peer))
+        self._work.set()
+        self._notify()
+        return job
+
+    async def _own_job(self, peer: str, job_id: str) -> dict[str, Any]:
+        job = await trio.to_thread.run_sync(self.store.get_job, job_id) if _JOB_ID.match(job_id) else None
+        if job is None or job["scientist"] != peer:  # another scientist's job does not exist, as far as you know
+            raise RemoteError(ErrorCode.UNKNOWN_JOB, "no such job")
+        return job
+
+    async def _watch(self, peer: str, msg: WatchJob) -> dict[str, Any]:
+        job = await self._own_job(peer, msg.job_id)
+        with trio.move_on_after(max(0.0, min(msg.wait_s, MAX_WATCH_S))):
+            while job["seq"] <= msg.since:
+                with trio.move_on_after(1.0):  # also notice changes made by the CLI in another process
+                    await self._changed.wait()
+                job = await self._own_job(peer, msg.job_id)
+        return job
+
+    async def _fetch(self, peer: str, msg: FetchResult) -> JobResultMsg:
+        job = await self._own_job(peer, msg.job_id)
+        state = job["state"]
+        if state == jobsm.JobState.WITHHELD.value:
+            raise RemoteError(ErrorCode.WITHHELD, "the data owner did not sign off this result")
+        if state == jobsm.JobState.FAILED.value:
+            raise RemoteError(ErrorCode.JOB_FAILED, job.get("reason", "")[:300])
+        if state != jobsm.JobState.RELEASED.value:
+            raise RemoteError(ErrorCode.NOT_READY, f"the job is {state}")
+        result = await trio.to_thread.run_sync(self.store.get_blob, job["result_hash"])
+        if result is None:
+            raise RemoteError(ErrorCode.INTERNAL, "the result is missing")
+        return JobResultMsg(job_id=job["id"], result=result, signoff=job["signoff"])
+
+    # -- running jobs ----------------------------------------------------------------------------------------------
+    async def run_jobs(self) -> None:
+        """Take queued jobs from the store, oldest first, and run each in a Worker. Never returns."""
+        while True:
+            job = await trio.to_thread.run_sync(self._claim)
+            if job is None:
+                with trio.move_on_after(5.0):  # a submit sets _work; the timeout also picks up re-queued jobs
+                    await self._work.wait()
+                self._work = trio.Event()
+                continue
+            self._notify()
+            await self._run(job)
+            self._notify()
+
+    def _claim(self) -> dict[str, Any] | None:
+        now = time.time()
+        return self.store.claim_next_job(
+            jobsm.JobState.QUEUED.value,
+            lambda j: jobsm.transition(j, jobsm.JobState.RUNNING, now=now, attempts=j.get("attempts", 0) + 1,
+                                       reason="", timings=dict(j.get("timings", {}), started=now)),
+        )
+
+    async def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        dataset = await trio.to_thread.run_sync(self.store.get_dataset, job["dataset"])
+        program = await trio.to_thread.run_sync(self.store.get_blob, job["program_key"])
+        weights = await trio.to_thread.run_sync(self.store.get_blob, job["weights_key"])
+        if dataset is None or program is None or weights is None:
+            await self._fail(job_id, "the dataset or the plan is no longer on this node")
+            return
+        logger.info("job %s running (attempt %d)", job_id, job["attempts"])
+
+        def on_progress(progress: dict[str, Any]) -> None:
+            self.store.update_job(job_id, lambda j: jobsm.touch(j, progress=progress))
+            self._notify()
+
+        limits = WorkerLimits(wall_s=self.config.worker_wall_s, memory_mb=self.config.worker_memory_mb,
+                              threads=self.config.worker_threads)
+        work = WorkerJob(job_id=job_id, store_path=str(self.store.path), data_key=dataset["data_key"],
+                         program=program, weights=weights, recipe=job["recipe"])
+        try:
+            result = await self.pool.run_job(work, limits=limits, on_progress=on_progress)
+        except WorkerFailed as exc:
+            logger.info("job %s failed: %s (%s)", job_id, exc.code, exc.reason)
+            await self._fail(job_id, f"{exc.code}: {exc.reason}")
+            return
+        timings = dict(result.timings, finished=time.time())
+        record = await trio.to_thread.run_sync(
+            lambda: complete_job(self.store, self.identity, job_id, weights=result.weights, metrics=result.metrics,
+                                 timings=timings, policy=job["policy"]))
+        logger.info("job %s %s: %s", job_id, record["state"], result.metrics)
+
+    async def _fail(self, job_id: str, reason: str) -> None:
+        await trio.to_thread.run_sync(
+            self.store.update_job, job_id, lambda j: jobsm.transition(j, jobsm.JobState.FAILED, reason=reason[:500]))
+
+
+def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:
+    """Apply the restart rule (see job.py) to every job left ``running`` by a previous daemon."""
+    changed = []
+    for job in store.list_jobs():
+        if job["state"] == jobsm.JobState.RUNNING.value:
+            changed.append(store.update_job(job["id"], lambda j: jobsm.recover(j, max_attempts=max_attempts)))
+    return changed
+
+
+async def serve_daemon(home: Home, config: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon of ``home`` until cancelled. ``task_status.started`` receives the listen addresses."""
+    identity, _ = home.init()
+    store = Store.open(home.store_path)
+    try:
+        for job in recover_jobs(store, max_attempts=config.max_attempts):
+            logger.warning("job %s was interrupted by a restart: now %s", job["id"], job["state"])
+        async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host:
+            daemon = Daemon(identity=identity, store=store, pool=pool, config=config)
+            host.serve(DATASET_PROTOCOL, daemon.handle_dataset)
+            host.serve(JOB_PROTOCOL, daemon.handle_job)
+            addrs = host.addrs()
+            home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})
+            logger.info("node %s listening on %s", identity.peer_id, ", ".join(addrs))
+            task_status.started(addrs)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(config.max_concurrent_jobs):
+                        nursery.start_soon(daemon.run_jobs)
+            finally:
+                home.clear_daemon_info()
+    finally:
+        store.close()
+

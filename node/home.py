@@ -1,0 +1,94 @@
+"""A node's home directory: its key, its store and the running daemon's address file.
+
+    $HIVECELL_HOME/            (default ~/.hivecell; mode 0700)
+        node.key               Ed25519 key, mode 0600
+        store/                 LMDB environment (datasets, blobs, jobs, results)
+        daemon.json            written by a running daemon: peer id, addresses, pid
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hivecell.crypto.identity import Identity
+
+__all__ = ["Home", "default_home"]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("HIVECELL_HOME") or Path.home() / ".hivecell").expanduser()
+
+
+@dataclass(frozen=True)
+class Home:
+    path: Path
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / "store"
+
+    @property
+    def daemon_file(self) -> Path:
+        return self.path / "daemon.json"
+
+    def is_initialized(self) -> bool:
+        return self.key_path.exists()
+
+    def init(self) -> tuple[Identity, bool]:
+        """Create the home and a node key if missing. Returns the identity and whether it was created now."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        if self.key_path.exists():
+            return Identity.load(self.key_path), False
+        identity = Identity.generate()
+        identity.save(self.key_path)
+        return identity, True
+
+    def identity(self) -> Identity:
+        """Load the node key.
+
+        Raises:
+            FileNotFoundError: the home is not initialised (run ``hivecell init``).
+        """
+        if not self.key_path.exists():
+            raise FileNotFoundError(f"{self.path} has no node key; run: hivecell --home {self.path} init")
+        return Identity.load(self.key_path)
+
+    def write_daemon_info(self, info: dict[str, Any]) -> None:
+        tmp = self.daemon_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(info, pid=os.getpid(), started=time.time()), indent=2))
+        os.replace(tmp, self.daemon_file)
+
+    def clear_daemon_info(self) -> None:
+        try:
+            info = json.loads(self.daemon_file.read_text())
+            if info.get("pid") == os.getpid():
+                self.daemon_file.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+    def daemon_info(self) -> dict[str, Any] | None:
+        """The running daemon's address file, or ``None`` if no daemon of this home is alive."""
+        try:
+            info = json.loads(self.daemon_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        pid = info.get("pid")
+        if not isinstance(pid, int):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # stale file of a daemon that was killed
+        except PermissionError:
+            pass
+        return info

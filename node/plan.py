@@ -1,0 +1,786 @@
+"""Plans: what a scientist sends to train on someone else's data, and the audit that makes it safe to load.
+
+Theory of operation
+-------------------
+A plan is three parts:
+
+``program``
+    The JSON graph of a ``torch.export`` program (``serialize(ep).exported_program``). Never an export archive:
+    ``torch.export.load`` runs ``torch.load(weights_only=False)``, ``pickle.loads``, ``sympy.sympify`` (``eval``) on
+    shape strings and ``getattr`` walks from ``torch``/``operator``/``math`` on call targets, so it is never called
+    on a plan. :func:`audit_program` (pure Python, no torch import: the daemon runs it) walks the whole JSON and returns
+    a sanitized copy; only that copy ever reaches torch's deserializer.
+``weights``
+    safetensors bytes of the program's state dict (parameters and persistent buffers, keyed by their FQN in the
+    original ``nn.Module``). Lifted tensor constants, non-persistent buffers, custom objects and tokens are refused
+    by the audit: a plan carries exactly ``model.state_dict()`` and nothing else, so trained weights load straight
+    back into the scientist's module with :func:`apply_weights`.
+``recipe``
+    A dict from a fixed vocabulary (:func:`validate_recipe`).
+
+What the program audit enforces (each rule names the deserializer path it closes, see
+``torch/_export/serde/serialize.py``):
+
+- size cap before parsing, bounded nesting and node count;
+- every node target in :data:`ALLOWED_ATEN` (``torch.ops.aten.<op>.<overload>``) or a handful of symbolic-int
+  helpers (``_operator.*``, ``torch.sym_*``): ``deserialize_operator`` resolves targets by ``getattr`` walks, so
+  ``torch.serialization.os.system`` would otherwise be callable. ``#`` extension ops and higher-order ops are refused;
+- no ``as_graph`` / ``as_operator`` / ``as_custom_obj`` arguments, no ``custom_obj_values`` (torchbind, pickles);
+- every ``expr_str`` (sympified) matches a strict token grammar: symbols ``s<N>``/``u<N>``, integers, a few sympy
+  function names, ``+ - * / % ( ) ,`` and spaces; no ``**`` (so no ``9**9**9`` hang);
+- ``guards_code`` is emptied (``ep.module()`` ``exec``\\s it), node metadata (stack traces, ``nn_module_stack``,
+  ``source_fn_stack``, ``torch_fn`` resolved by ``getattr``; ``from_node``; ``custom`` JSON) is dropped;
+- every name that FX pastes into generated Python source (tensor and symbol names) is an identifier; FQNs are
+  dotted identifiers; every other string matches a conservative character set; no string anywhere contains ``__``;
+- ``in_spec``/``out_spec`` (pytree specs, which can ``importlib.import_module`` through ``defaultdict`` contexts and
+  enum hooks) are re-parsed and limited to tuples, lists and dicts with identifier keys;
+- the signature is one tensor user input, one tensor user output, parameters and persistent buffers (and their
+  in-place mutations) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hivecell.crypto.canonical import canonical_packb
+
+if TYPE_CHECKING:  # torch is imported lazily: the daemon imports this module and never imports torch
+    import torch
+
+__all__ = [
+    "ALLOWED_ATEN",
+    "Plan",
+    "PlanError",
+    "Recipe",
+    "apply_weights",
+    "audit_program",
+    "audit_weights",
+    "build_plan",
+    "load_program",
+    "load_weights",
+    "plan_hash",
+    "program_input_shape",
+    "to_eval_module",
+    "validate_recipe",
+]
+
+
+class PlanError(Exception):
+    """A plan or recipe that is refused. ``code`` is ``"bad_plan"`` or ``"bad_recipe"``; ``message`` is short and safe
+    to send to the peer that sent the plan (it never contains Python exception text)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _bad_plan(message: str) -> PlanError:
+    return PlanError("bad_plan", message)
+
+
+# -- recipe -----------------------------------------------------------------------------------------------------------
+
+_TASKS = ("classification", "regression")
+_LOSSES = ("cross_entropy", "mse", "l1")
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+_METRICS = ("accuracy", "loss")
+_RECIPE_KEYS = frozenset(
+    {"task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
+     "eval_fraction", "seed"}
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated, normalized training recipe (every default filled)."""
+
+    task: str = "classification"
+    loss: str = "cross_entropy"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    metrics: tuple[str, ...] = ("accuracy", "loss")
+    eval_fraction: float = 0.2
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "loss": self.loss,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "metrics": list(self.metrics),
+            "eval_fraction": self.eval_fraction,
+            "seed": self.seed,
+        }
+
+
+def _bad_recipe(message: str) -> PlanError:
+    return PlanError("bad_recipe", message)
+
+
+def _choice(recipe: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = recipe.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        raise _bad_recipe(f"{key} must be one of {', '.join(choices)}")
+    return value
+
+
+def _number(recipe: Mapping[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    value = recipe.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad_recipe(f"{key} must be a number")
+    value = float(value)
+    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise _bad_recipe(f"{key} must be in {left}{lo:g}, {hi:g}{right}")
+    return value
+
+
+def _integer(recipe: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = recipe.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_recipe(f"{key} must be an integer")
+    if not lo <= value <= hi:
+        raise _bad_recipe(f"{key} must be between {lo} and {hi}")
+    return value
+
+
+def validate_recipe(recipe: object) -> Recipe:
+    """Check a recipe against the vocabulary and fill its defaults.
+
+    Raises:
+        PlanError: code ``"bad_recipe"``, naming the offending key.
+    """
+    if not isinstance(recipe, Mapping):
+        raise _bad_recipe("recipe must be a map")
+    for key in recipe:
+        if not isinstance(key, str) or key not in _RECIPE_KEYS:
+            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "?"
+            raise _bad_recipe(f"unknown recipe key {shown!r}")
+    task = _choice(recipe, "task", _TASKS, "classification")
+    classification = task == "classification"
+    loss = _choice(recipe, "loss", _LOSSES, "cross_entropy" if classification else "mse")
+    if loss == "cross_entropy" and not classification:
+        raise _bad_recipe("loss cross_entropy needs task classification")
+    optimizer = _choice(recipe, "optimizer", _OPTIMIZERS, "adam")
+    lr = _number(recipe, "lr", 1e-3, 0.0, 10.0, lo_open=True)
+    momentum = _number(recipe, "momentum", 0.0, 0.0, 1.0, hi_open=True)
+    if momentum and optimizer != "sgd":
+        raise _bad_recipe("momentum applies to optimizer sgd only")
+    weight_decay = _number(recipe, "weight_decay", 0.0, 0.0, 1.0)
+    epochs = _integer(recipe, "epochs", 1, 1, 1000)
+    batch_size = _integer(recipe, "batch_size", 32, 1, 65536)
+    default_metrics = ["accuracy", "loss"] if classification else ["loss"]
+    metrics = recipe.get("metrics", default_metrics)
+    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) and m in _METRICS for m in metrics):
+        raise _bad_recipe(f"metrics must be a list drawn from {', '.join(_METRICS)}")
+    if len(set(metrics)) != len(metrics):
+        raise _bad_recipe("metrics must not repeat")
+    if "accuracy" in metrics and not classification:
+        raise _bad_recipe("metric accuracy needs task classification")
+    eval_fraction = _number(recipe, "eval_fraction", 0.2, 0.0, 0.9)
+    seed = _integer(recipe, "seed", 0, 0, 2**31 - 1)
+    return Recipe(task=task, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                  epochs=epochs, batch_size=batch_size, metrics=tuple(m for m in _METRICS if m in metrics),
+                  eval_fraction=eval_fraction, seed=seed)
+
+
+# -- program audit (pure Python) --------------------------------------------------------------------------------------
+
+# Operator packets a plan may call, as torch.export's training IR (and the eval-mode ATen IR) emits them for MLPs and
+# small CNNs. Every one of them reads and writes tensors only: nothing that opens files (from_file), picks devices,
+# touches the RNG seed, or calls back into Python.
+ALLOWED_ATEN = frozenset(
+    {
+        # layers
+        "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "linear", "addmm", "mm", "matmul", "bmm",
+        "embedding",
+        # activations
+        "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "leaky_relu", "leaky_relu_", "hardtanh",
+        "hardtanh_", "elu", "softplus", "softmax", "_softmax", "log_softmax", "_log_softmax",
+        # pooling
+        "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+        # shapes and copies
+        "view", "_unsafe_view", "reshape", "flatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
+        "contiguous", "clone", "slice", "select", "cat", "stack", "alias", "detach",
+        # arithmetic and reductions
+        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp", "log",
+        "mean", "sum", "amax",
+        # normalization and regularization
+        "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+        "_native_batch_norm_legit_no_training", "layer_norm", "native_layer_norm", "dropout", "native_dropout",
+        # symbolic sizes
+        "sym_size",
+    }
+)
+_ALLOWED_PY_TARGETS = frozenset(
+    {
+        "_operator.getitem", "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv",
+        "_operator.truediv", "_operator.mod", "_operator.neg", "_operator.eq", "_operator.ne", "_operator.lt",
+        "_operator.le", "_operator.gt", "_operator.ge", "torch.sym_max", "torch.sym_min", "torch.sym_float",
+        "torch.sym_int", "torch.sym_not",
+    }
+)
+_ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([a-z0-9_]{1,64})\.([A-Za-z0-9_]{1,64})\Z")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
+_FQN = re.compile(r"[A-Za-z0-9_]{1,100}(\.[A-Za-z0-9_]{1,100}){0,31}\Z")
+_SAFE_STRING = re.compile(r"[A-Za-z0-9_.:+\- ]{0,256}\Z")
+_EXPR_CALLS = frozenset(
+    {"Symbol", "Integer", "Add", "Mul", "Mod", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "Max", "Min"}
+)
+_EXPR_KEYWORDS = frozenset({"positive", "integer", "nonnegative"})
+_EXPR_NAMES = _EXPR_CALLS | _EXPR_KEYWORDS | {"True", "False"}
+_EXPR_TOKEN = re.compile(r"\s+|'[su][0-9]{1,9}'|[0-9]{1,18}(?![0-9])|[A-Za-z][A-Za-z0-9]{0,31}|[-+*/%(),=]")
+_SYMBOL = re.compile(r"[su][0-9]{1,9}\Z")
+_ARG_TYPES = frozenset(
+    {
+        "as_none", "as_tensor", "as_tensors", "as_optional_tensors", "as_int", "as_ints", "as_float", "as_floats",
+        "as_bool", "as_bools", "as_string", "as_strings", "as_sym_int", "as_sym_ints", "as_sym_float",
+        "as_sym_floats", "as_sym_bool", "as_sym_bools", "as_scalar_type", "as_memory_format", "as_layout",
+        "as_device",
+    }
+)
+_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+_STRIPPED = {"stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "from_node", "custom"}
+_MAX_DEPTH = 48
+_MAX_NODES = 20_000
+_SPEC_KEYS = ("in_spec", "out_spec")
+_NAME_KEYS = frozenset({"name", "as_name"})
+_FQN_KEYS = frozenset({"parameter_name", "buffer_name", "target", "fqn"})
+
+
+def _check_expr(expr: object) -> None:
+    """Shape expressions are ``sympy.sympify``'d (an ``eval``): allow only a tiny token grammar.
+
+    The serializer writes sympy's ``srepr`` form, e.g. ``Symbol('s77', positive=True, integer=True)`` or
+    ``Mul(Integer(2), Symbol('s0', ...))``; plain infix (``2*s0 + 1``) is accepted too. No attribute access, no
+    subscripts, no strings other than quoted symbol names, no powers, bounded integers and length.
+    """
+    if not isinstance(expr, str) or len(expr) > 1024:
+        raise _bad_plan("shape expression too long or not a string")
+    tokens = []
+    pos = 0
+    while pos < len(expr):
+        m = _EXPR_TOKEN.match(expr, pos)
+        if m is None:
+            raise _bad_plan("shape expression contains a forbidden token")
+        token = m.group()
+        pos = m.end()
+        if token.isspace():
+            continue
+        if token[0].isalpha() and not _SYMBOL.match(token) and token not in _EXPR_NAMES:
+            raise _bad_plan("shape expression names something that is not allowed")
+        tokens.append(token)
+    for a, b in zip(tokens, tokens[1:]):
+        if a == "*" and b == "*":  # powers: 9**9**9 would hang sympy
+            raise _bad_plan("shape expression contains a power")
+        if a == "=" and b not in ("True", "False"):
+            raise _bad_plan("shape expression misuses a keyword")
+        if b == "=" and a not in _EXPR_KEYWORDS:
+            raise _bad_plan("shape expression misuses a keyword")
+        if a in _EXPR_CALLS and b != "(":
+            raise _bad_plan("shape expression misuses a function name")
+
+
+def _check_treespec(spec: object) -> None:
+    """Re-parse a pytree spec string: only tuples, lists and dicts with identifier keys, and leaves."""
+    if not isinstance(spec, str) or len(spec) > 65536:
+        raise _bad_plan("bad pytree spec")
+    try:
+        protocol, schema = json.loads(spec)
+    except (ValueError, TypeError, RecursionError):
+        raise _bad_plan("bad pytree spec") from None
+    if protocol != 1:
+        raise _bad_plan("bad pytree spec")
+
+    def walk(node: object, depth: int) -> None:
+        if depth > 16 or not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
+            raise _bad_plan("bad pytree spec")
+        typ, context, children = node["type"], node["context"], node["children_spec"]
+        if not isinstance(children, list):
+            raise _bad_plan("bad pytree spec")
+        if typ is None:
+            if context is not None or children:
+                raise _bad_plan("bad pytree spec")
+            return
+        if typ in ("builtins.tuple", "builtins.list"):
+            if context != "null":
+                raise _bad_plan("bad pytree spec")
+        elif typ == "builtins.dict":
+            try:
+                keys = json.loads(context) if isinstance(context, str) else None
+            except ValueError:
+                keys = None
+            if not isinstance(keys, list) or len(keys) != len(children):
+                raise _bad_plan("bad pytree spec")
+            for key in keys:
+                if not isinstance(key, str) or not _IDENT.match(key) or "__" in key:
+                    raise _bad_plan("bad pytree spec key")
+        else:
+            raise _bad_plan("pytree spec uses a type that is not allowed")
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(schema, 0)
+
+
+def _walk_strings(value: object, depth: int, parent_key: str | None) -> None:
+    """Check every string in the (already de-metadata'd) program: keys and values."""
+    if depth > _MAX_DEPTH:
+        raise _bad_plan("program nests too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "__" in key or not _SAFE_STRING.match(key):
+                raise _bad_plan("program contains a forbidden key")
+            if parent_key in ("tensor_values", "sym_int_values", "sym_float_values", "sym_bool_values"):
+                if not _IDENT.match(key):
+                    raise _bad_plan("program contains a value name that is not an identifier")
+            if key == "expr_str":
+                _check_expr(item)
+            elif key in _SPEC_KEYS:
+                if item is not None:
+                    _check_treespec(item)
+            else:
+                _walk_strings(item, depth + 1, key)
+    elif isinstance(value, list):
+        for item in value:
+            _walk_strings(item, depth + 1, parent_key)
+    elif isinstance(value, str):
+        if "__" in value or not _SAFE_STRING.match(value):
+            raise _bad_plan("program contains a forbidden string")
+        if parent_key in _NAME_KEYS or parent_key == "forward_arg_names":
+            if not _IDENT.match(value):
+                raise _bad_plan("program contains a name that is not an identifier")
+        elif parent_key in _FQN_KEYS and parent_key != "target":
+            if value and not _FQN.match(value):
+                raise _bad_plan("program contains a malformed module path")
+    elif isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return
+    else:  # pragma: no cover - json.loads yields nothing else
+        raise _bad_plan("program contains an unexpected value")
+
+
+def _one(union: object, what: str) -> tuple[str, Any]:
+    if not isinstance(union, dict) or len(union) != 1:
+        raise _bad_plan(f"malformed {what}")
+    return next(iter(union.items()))
+
+
+def _check_target(target: object) -> None:
+    if not isinstance(target, str):
+        raise _bad_plan("node target is not a string")
+    if target.startswith("#"):
+        raise _bad_plan("extension operators are not allowed")
+    if target.startswith("torch.ops.higher_order"):
+        raise _bad_plan("higher-order operators are not allowed")
+    if target in _ALLOWED_PY_TARGETS:
+        return
+    m = _ATEN_TARGET.match(target)
+    if m is None or m.group(1) not in ALLOWED_ATEN or "out" in m.group(2).lower().split("_"):
+        shown = target if len(target) <= 80 and _SAFE_STRING.match(target) and "__" not in target else "?"
+        raise _bad_plan(f"operator {shown} is not allowed")
+
+
+def _check_argument(arg: object) -> None:
+    kind, value = _one(arg, "argument")
+    if kind not in _ARG_TYPES:
+        raise _bad_plan(f"argument kind {kind if _SAFE_STRING.match(kind) else '?'} is not allowed")
+    if kind == "as_device":
+        if not isinstance(value, dict) or value.get("type") not in _DEVICE_TYPES:
+            raise _bad_plan("device not allowed")
+
+
+def _check_graph(graph: object) -> None:
+    if not isinstance(graph, dict):
+        raise _bad_plan("malformed graph")
+    if graph.get("custom_obj_values"):
+        raise _bad_plan("custom objects are not allowed")
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list) or len(nodes) > _MAX_NODES:
+        raise _bad_plan("graph has too many nodes or none")
+    for inp in graph.get("inputs", ()):
+        kind, _ = _one(inp, "graph input")
+        if kind != "as_tensor":
+            raise _bad_plan("graph inputs must be tensors")
+    for out in graph.get("outputs", ()):
+        kind, _ = _one(out, "graph output")
+        if kind not in ("as_tensor", "as_none"):
+            raise _bad_plan("graph outputs must be tensors")
+    for meta in (graph.get("tensor_values") or {}).values():
+        if not isinstance(meta, dict) or not isinstance(meta.get("device"), dict):
+            raise _bad_plan("malformed tensor metadata")
+        if meta["device"].get("type") not in _DEVICE_TYPES:
+            raise _bad_plan("device not allowed")
+    for node in nodes:
+        if not isinstance(node, dict):
+            raise _bad_plan("malformed node")
+        _check_target(node.get("target"))
+        for named in node.get("inputs", ()):
+            if not isinstance(named, dict):
+                raise _bad_plan("malformed node input")
+            _check_argument(named.get("arg"))
+        for out in node.get("outputs", ()):
+            _check_argument(out)
+        node["metadata"] = {}  # resolved by getattr walks and json.loads in deserialize_metadata
+
+
+def _check_signature(signature: object) -> None:
+    if not isinstance(signature, dict):
+        raise _bad_plan("malformed signature")
+    user_inputs = user_outputs = 0
+    for spec in signature.get("input_specs", ()):
+        kind, value = _one(spec, "input spec")
+        if kind == "user_input":
+            arg_kind, _ = _one(value.get("arg") if isinstance(value, dict) else None, "user input")
+            if arg_kind != "as_tensor":
+                raise _bad_plan("the program's input must be a tensor")
+            user_inputs += 1
+        elif kind == "parameter":
+            pass
+        elif kind == "buffer":
+            if not (isinstance(value, dict) and value.get("persistent") is True):
+                raise _bad_plan("non-persistent buffers are not supported")
+        else:
+            raise _bad_plan(f"program inputs of kind {kind if _SAFE_STRING.match(kind) else '?'} are not allowed")
+    for spec in signature.get("output_specs", ()):
+        kind, value = _one(spec, "output spec")
+        if kind == "user_output":
+            arg_kind, _ = _one(value.get("arg") if isinstance(value, dict) else None, "user output")
+            if arg_kind != "as_tensor":
+                raise _bad_plan("the program's output must be a tensor")
+            user_outputs += 1
+        elif kind not in ("buffer_mutation", "parameter_mutation"):
+            raise _bad_plan(f"program outputs of kind {kind if _SAFE_STRING.match(kind) else '?'} are not allowed")
+    if user_inputs != 1 or user_outputs != 1:
+        raise _bad_plan("the program must take one tensor and return one tensor")
+
+
+def _check_range_constraints(constraints: object) -> None:
+    if not isinstance(constraints, dict):
+        raise _bad_plan("malformed range constraints")
+    for key, value in constraints.items():
+        if not _SYMBOL.match(key):
+            raise _bad_plan("malformed range constraint symbol")
+        if not isinstance(value, dict):
+            raise _bad_plan("malformed range constraint")
+        for bound in ("min_val", "max_val"):
+            b = value.get(bound)
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
+                raise _bad_plan("range constraint bounds must be integers")
+
+
+def audit_program(program: bytes, *, max_bytes: int = 64 << 20) -> bytes:
+    """Audit an exported program's JSON and return a sanitized copy, the only form ever handed to torch.
+
+    Pure Python: safe to call in a process that must not import torch.
+
+    Raises:
+        PlanError: code ``"bad_plan"``.
+    """
+    if not isinstance(program, (bytes, bytearray, memoryview)):
+        raise _bad_plan("program must be bytes")
+    if len(program) > max_bytes:
+        raise _bad_plan("program too large")
+    try:
+        doc = json.loads(bytes(program).decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise _bad_plan("program is not a JSON export graph") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("graph_module"), dict):
+        raise _bad_plan("program is not a JSON export graph")
+    gm = doc["graph_module"]
+    _check_graph(gm.get("graph"))
+    _check_signature(gm.get("signature"))
+    _check_range_constraints(doc.get("range_constraints", {}))
+    gm["metadata"] = {}  # "custom" is json.loads'ed into graph meta
+    gm["treespec_namedtuple_fields"] = {}
+    doc["guards_code"] = []  # exec'd by ep.module(): never from the network
+    verifiers = doc.get("verifiers", [])
+    if not isinstance(verifiers, list) or not set(verifiers) <= {"ATEN", "TRAINING", ""}:
+        raise _bad_plan("unknown verifier dialect")
+    for entry in gm.get("module_call_graph", ()):
+        if isinstance(entry, dict) and isinstance(entry.get("signature"), dict):
+            for arg in entry["signature"].get("inputs", []) + entry["signature"].get("outputs", []):
+                _check_argument(arg)
+    _walk_strings(doc, 0, None)
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN / Infinity: turned into "not a JSON export graph"
+
+
+# -- weights audit (pure Python) --------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                       "BOOL": 1}
+_MAX_HEADER = 16 << 20
+
+
+def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parse and check a safetensors buffer's header without torch; return ``{name: (dtype, shape)}``.
+
+    Raises:
+        PlanError: code ``"bad_plan"``: not safetensors, a dtype we do not take, offsets that overlap, leave holes or
+            point outside the buffer, or more than ``max_bytes``.
+    """
+    if not isinstance(weights, (bytes, bytearray, memoryview)):
+        raise _bad_plan("weights must be bytes")
+    if len(weights) > max_bytes:
+        raise _bad_plan("weights too large")
+    if len(weights) < 8:
+        raise _bad_plan("weights are not safetensors")
+    (header_len,) = struct.unpack_from("<Q", weights, 0)
+    if header_len > min(_MAX_HEADER, len(weights) - 8):
+        raise _bad_plan("weights are not safetensors")
+    try:
+        header = json.loads(bytes(weights[8 : 8 + header_len]).decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise _bad_plan("weights are not safetensors") from None
+    if not isinstance(header, dict):
+        raise _bad_plan("weights are not safetensors")
+    data_len = len(weights) - 8 - header_len
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise _bad_plan("weights metadata malformed")
+            continue
+        if not _FQN.match(name) or "__" in name:
+            raise _bad_plan("weights contain a malformed tensor name")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _bad_plan("weights header malformed")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise _bad_plan("weights use a dtype that is not allowed")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+        ):
+            raise _bad_plan("weights header has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets
+        )):
+            raise _bad_plan("weights header has malformed offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise _bad_plan("weights offsets out of range")
+        if end - begin != math.prod(shape) * _SAFETENSORS_DTYPES[dtype]:
+            raise _bad_plan("weights offsets do not match the shape")
+        spans.append((begin, end))
+        out[name] = (dtype, tuple(shape))
+    cursor = 0
+    for begin, end in sorted(spans):
+        if begin != cursor:
+            raise _bad_plan("weights offsets overlap or leave holes")
+        cursor = end
+    if cursor != data_len:
+        raise _bad_plan("weights size does not match the header")
+    return out
+
+
+# -- hashing ----------------------------------------------------------------------------------------------------------
+
+
+def plan_hash(program: bytes, weights: bytes, recipe: dict[str, Any]) -> str:
+    """The plan's identity: sha256 over canonical msgpack of the parts' hashes and the (normalized) recipe."""
+    body = [hashlib.sha256(program).hexdigest(), hashlib.sha256(weights).hexdigest(), recipe]
+    return hashlib.sha256(canonical_packb(body)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan ready to send: program JSON, safetensors weights and a normalized recipe dict."""
+
+    program: bytes
+    weights: bytes
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return plan_hash(self.program, self.weights, self.recipe)
+
+
+# -- client side (torch) ----------------------------------------------------------------------------------------------
+
+
+def build_plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Mapping[str, Any] | None = None) -> Plan:
+    """Export ``model`` (in training mode, batch dimension dynamic) into a plan and audit it as a node would.
+
+    Raises:
+        PlanError: the recipe is refused (``"bad_recipe"``), or the exported program would be refused by a node
+            (``"bad_plan"``, e.g. an operator outside :data:`ALLOWED_ATEN` or a lifted tensor constant).
+    """
+    import torch
+    from safetensors.torch import save
+    from torch._export.serde.serialize import serialize
+
+    normalized = validate_recipe(recipe or {}).to_dict()
+    was_training = model.training
+    model.train()  # dropout and batch norm are traced in their training form; to_eval_module switches them off
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        ep = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    finally:
+        model.train(was_training)
+    if ep.constants:
+        raise _bad_plan("the model has tensor constants or non-persistent buffers; register them as buffers")
+    artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    program = audit_program(artifact.exported_program)
+    state = {k: v.detach().contiguous().cpu() for k, v in ep.state_dict.items()}
+    weights = save(state)
+    audit_weights(weights)
+    return Plan(program=program, weights=weights, recipe=normalized)
+
+
+def load_weights(data: bytes) -> dict[str, torch.Tensor]:
+    """Audit safetensors bytes and load them as tensors (no pickle involved).
+
+    Raises:
+        PlanError: code ``"bad_plan"``.
+    """
+    from safetensors.torch import load
+
+    audit_weights(data)
+    return load(bytes(data))
+
+
+def apply_weights(model: torch.nn.Module, data: bytes) -> None:
+    """Load trained weights (as returned by a job) into the scientist's original module.
+
+    Raises:
+        PlanError: ``"bad_plan"`` if the names or shapes do not match ``model.state_dict()``.
+    """
+    tensors = load_weights(data)
+    own = model.state_dict()
+    if set(tensors) != set(own):
+        raise _bad_plan("weights do not match the model's state dict")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise _bad_plan(f"weight {name} has the wrong shape")
+    model.load_state_dict(tensors, strict=True)
+
+
+# -- worker side (torch) ----------------------------------------------------------------------------------------------
+
+_ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def load_program(program: bytes, weights: bytes, *, max_program: int = 64 << 20,
+                 max_weights: int = 1 << 30) -> torch.nn.Module:
+    """Audit and load a plan's program and weights into a trainable module (``ep.module()``).
+
+    Never calls ``torch.export.load``, ``torch.load`` or pickle: the sanitized JSON goes to the deserializer's
+    dataclass layer and the state dict is passed as a dict of tensors loaded by safetensors.
+
+    Raises:
+        PlanError: code ``"bad_plan"``.
+    """
+    import torch
+    from safetensors.torch import load
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+    clean = audit_program(program, max_bytes=max_program)
+    header = audit_weights(weights, max_bytes=max_weights)
+    doc = json.loads(clean)
+    wanted: dict[str, bool] = {}  # FQN -> is parameter
+    for spec in doc["graph_module"]["signature"]["input_specs"]:
+        kind, value = next(iter(spec.items()))
+        if kind == "parameter":
+            wanted[value["parameter_name"]] = True
+        elif kind == "buffer":
+            wanted[value["buffer_name"]] = False
+    if set(header) != set(wanted):
+        raise _bad_plan("weights do not match the program's parameters and buffers")
+    try:
+        serialized = _dict_to_dataclass(schema.ExportedProgram, doc)
+    except Exception:  # noqa: BLE001 - any failure to fit the schema is a bad plan
+        raise _bad_plan("program does not fit the export schema") from None
+    tensors = load(bytes(weights))
+    state: dict[str, torch.Tensor] = {
+        name: torch.nn.Parameter(t, requires_grad=t.is_floating_point()) if wanted[name] else t
+        for name, t in tensors.items()
+    }
+    try:
+        ep = ExportedProgramDeserializer().deserialize(serialized, state, {}, None)
+    except Exception:  # noqa: BLE001
+        raise _bad_plan("program could not be deserialized") from None
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for name, spec_target in ep.graph_signature.inputs_to_parameters.items():
+        _check_placeholder(placeholders.get(name), state[spec_target])
+    for name, spec_target in ep.graph_signature.inputs_to_buffers.items():
+        _check_placeholder(placeholders.get(name), state[spec_target])
+    try:
+        return ep.module()
+    except Exception:  # noqa: BLE001
+        raise _bad_plan("program could not be turned into a module") from None
+
+
+def _check_placeholder(node: Any, tensor: torch.Tensor) -> None:
+    val = None if node is None else node.meta.get("val")
+    if val is None or tuple(val.shape) != tuple(tensor.shape) or val.dtype != tensor.dtype:
+        raise _bad_plan("weights do not match the program's tensor shapes")
+
+
+def program_input_shape(module: torch.nn.Module) -> tuple[int | None, ...]:
+    """The per-sample input shape a loaded program expects; ``None`` marks a dynamic dimension."""
+    import torch
+
+    user = [n for n in module.graph.nodes if n.op == "placeholder"]
+    val = user[-1].meta.get("val") if user else None
+    if val is None:
+        raise _bad_plan("program has no tensor input")
+    return tuple(d if isinstance(d, int) else None for d in val.shape[1:]) if isinstance(val, torch.Tensor) else ()
+
+
+def to_eval_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an exported training module with dropout off and batch norm on running statistics.
+
+    ``ep.module().eval()`` is refused by torch: the training flags are baked into the graph as arguments, so we
+    rewrite them on a copy (the original keeps training behaviour). Running statistics are left untouched.
+    """
+    import copy
+
+    import torch
+
+    aten = torch.ops.aten
+    clone = copy.deepcopy(module)
+    for node in clone.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.dropout.default, aten.native_dropout.default):
+            _set_arg(node, 2, "train", False)
+        elif node.target is aten.batch_norm.default:
+            _set_arg(node, 5, "training", False)
+        elif node.target is aten._native_batch_norm_legit_functional.default:
+            _set_arg(node, 5, "training", False)
+    clone.recompile()
+    return clone
+
+
+def _set_arg(node: Any, index: int, name: str, value: Any) -> None:
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+    elif len(node.args) > index:
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)

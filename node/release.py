@@ -1,0 +1,82 @@
+"""Finishing a job: store its result, and sign it off (by policy or by the owner) or withhold it.
+
+These are synchronous store operations shared by the daemon (automatic sign-off) and the CLI (``hivecell jobs
+approve/reject``, which may run while the daemon runs: LMDB serialises the writers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from hivecell.crypto.canonical import canonical_packb
+from hivecell.crypto.identity import Identity
+from hivecell.crypto.signoff import SignOff, sign_signoff
+
+from .job import JobState, transition
+from .store import Store, sha256_hex
+
+__all__ = ["complete_job", "approve_job", "reject_job", "encode_result"]
+
+# No differential privacy yet (it comes with the privacy-budget work): the honest epsilon of a plain training run is
+# infinity -- the sign-off says the owner released a result with no formal privacy bound.
+NO_DP_EPSILON = math.inf
+
+
+def encode_result(weights: bytes, metrics: dict[str, Any]) -> bytes:
+    """The bytes whose sha256 the sign-off covers."""
+    return canonical_packb({"weights": weights, "metrics": metrics})
+
+
+def _signoff(identity: Identity, job: dict[str, Any], decision: str) -> bytes:
+    return sign_signoff(identity, SignOff(
+        job_id=job["id"], dataset=job["dataset"], scientist=job["scientist"], node=identity.peer_id,
+        plan_hash=job["plan_hash"], result_hash=job["result_hash"], epsilon=NO_DP_EPSILON, delta=0.0,
+        budget_left=None, decision=decision,
+    ))
+
+
+def complete_job(store: Store, identity: Identity, job_id: str, *, weights: bytes, metrics: dict[str, Any],
+                 timings: dict[str, Any], policy: str) -> dict[str, Any]:
+    """Store a finished job's result; sign it off now if ``policy`` is ``auto``, else leave it for the owner."""
+    result = encode_result(weights, metrics)
+    result_hash = sha256_hex(result)
+
+    def change(job: dict[str, Any]) -> dict[str, Any]:
+        job = dict(job, result_hash=result_hash, metrics=metrics, timings=dict(job.get("timings", {}), **timings))
+        if policy == "auto":
+            t0 = time.perf_counter()
+            signoff = _signoff(identity, job, "auto")
+            job["timings"]["signoff_s"] = time.perf_counter() - t0
+            return transition(job, JobState.RELEASED, signoff=signoff, decision="auto")
+        return transition(job, JobState.AWAITING_SIGNOFF, reason="waiting for the data owner's sign-off")
+
+    return store.update_job(job_id, change, blobs=[result])
+
+
+def approve_job(store: Store, identity: Identity, job_id: str) -> dict[str, Any]:
+    """The owner signs off a job waiting for it.
+
+    Raises:
+        StoreError: no such job. InvalidTransition: the job is not awaiting sign-off.
+    """
+    def change(job: dict[str, Any]) -> dict[str, Any]:
+        nxt = transition(job, JobState.RELEASED)  # checks the state first
+        return dict(nxt, signoff=_signoff(identity, job, "owner"), decision="owner", reason="")
+
+    return store.update_job(job_id, change)
+
+
+def reject_job(store: Store, job_id: str, reason: str = "") -> dict[str, Any]:
+    """The owner refuses to release a result; the result bytes are deleted, their hash is kept.
+
+    Raises:
+        StoreError: no such job. InvalidTransition: the job is not awaiting sign-off.
+    """
+    job = store.update_job(job_id, lambda j: transition(j, JobState.WITHHELD, reason=reason or "withheld by the owner"))
+    if job.get("result_hash"):
+        store.delete_blob(job["result_hash"])
+    return job
+
+

@@ -1,0 +1,87 @@
+"""The node's wire protocols: dataset listing and jobs. Built on :mod:`hivecell.mesh.message`.
+
+Each protocol id carries one union of messages; tags are stable wire names. Fields added later get defaults and go last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hivecell.mesh.message import Message, Protocol
+
+__all__ = [
+    "DATASET_PROTOCOL", "JOB_PROTOCOL", "ListDatasets", "DatasetList", "SubmitJob", "JobAccepted", "WatchJob",
+    "JobStatus", "FetchResult", "JobResultMsg", "MAX_SUBMIT_BYTES", "MAX_WATCH_S", "JOB_DOMAIN",
+]
+
+MAX_SUBMIT_BYTES = 256 << 20  # a plan (program + weights); larger models wait for the blob transfer lane
+MAX_CONTROL_BYTES = 4 << 20
+MAX_WATCH_S = 30.0
+JOB_DOMAIN = "job"  # signed-record domain of job requests
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListDatasets(Message):
+    TAG: ClassVar[str] = "ls"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetList(Message):
+    TAG: ClassVar[str] = "dsl"
+    adverts: list[bytes]  # each a signed "advert" record
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitJob(Message):
+    TAG: ClassVar[str] = "sub"
+    request: bytes  # signed "job" record: job_id, node, dataset, plan_hash, recipe, nonce
+    program: bytes
+    weights: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobAccepted(Message):
+    TAG: ClassVar[str] = "acc"
+    job_id: str
+    state: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchJob(Message):
+    TAG: ClassVar[str] = "watch"
+    job_id: str
+    since: int = 0  # answer as soon as the job's seq is above this, or after wait_s
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobStatus(Message):
+    TAG: ClassVar[str] = "st"
+    job_id: str
+    state: str
+    seq: int
+    reason: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchResult(Message):
+    TAG: ClassVar[str] = "get"
+    job_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResultMsg(Message):
+    TAG: ClassVar[str] = "res"
+    job_id: str
+    result: bytes  # canonical msgpack {"weights": safetensors bytes, "metrics": {...}}; its sha256 is signed
+    signoff: bytes  # signed "signoff" record
+
+
+DATASET_PROTOCOL = Protocol("/hivecell/dataset/1.0.0", ListDatasets, DatasetList, max_frame=MAX_CONTROL_BYTES)
+JOB_PROTOCOL = Protocol(
+    "/hivecell/job/1.0.0", SubmitJob, JobAccepted, WatchJob, JobStatus, FetchResult, JobResultMsg,
+    max_frame=MAX_SUBMIT_BYTES,
+)
