@@ -69,7 +69,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
         raw = _b58decode(peer_id)
     except (IdentityError, UnicodeEncodeError) as exc:
         raise IdentityError("not a peer id") from exc
-    if len(raw) != 40 or not raw.startswith(_MH_PREFIX + _PB_PREFIX):
+    if len(raw) != len(_MH_PREFIX) + len(_PB_PREFIX) + 32 or not raw.startswith(_MH_PREFIX + _PB_PREFIX):
         raise IdentityError("not an Ed25519 peer id")
     return raw[6:]
 

@@ -156,7 +156,8 @@ class MeshHost:
         return info.peer_id.to_base58()
 
     @asynccontextmanager
-    async def _stream(self, peer_id: str, protocol: Protocol) -> AsyncIterator[object]:
+    async def raw_stream(self, peer_id: str, protocol: Protocol) -> AsyncIterator[object]:
+        """A bare stream of ``protocol`` to ``peer_id`` (``read``/``write`` bytes), for diagnostics and tests."""
         try:
             stream = await self._host.new_stream(ID.from_base58(peer_id), [protocol.id])
         except Exception as exc:
@@ -191,7 +192,7 @@ class MeshHost:
     @asynccontextmanager
     async def conversation(self, peer_id: str, protocol: Protocol, message: Message) -> AsyncIterator[Replies]:
         """Send one request and hand back the stream's replies, for requests answered by several messages."""
-        async with self._stream(peer_id, protocol) as stream:
+        async with self.raw_stream(peer_id, protocol) as stream:
             replies = Replies(stream, protocol, peer_id)
             try:
                 await write_frame(stream, protocol.encode(message))

@@ -132,9 +132,11 @@ def init(ctx: click.Context, as_json: bool) -> None:
 @click.option("--worker-memory-mb", type=click.IntRange(256, 1 << 20), default=4096, show_default=True,
               help="Memory limit of one Worker, MiB.")
 @click.option("--worker-threads", type=click.IntRange(1, 256), default=None, help="torch threads per Worker.")
+@click.option("--max-attempts", type=click.IntRange(1, 10), default=2, show_default=True,
+              help="Runs of one job, counting re-runs after the daemon was killed mid-job; then it is failed.")
 @click.pass_context
 def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs: int, worker_timeout: float,
-        worker_memory_mb: int, worker_threads: int | None) -> None:
+        worker_memory_mb: int, worker_threads: int | None, max_attempts: int) -> None:
     """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it)."""
     import trio
 
@@ -146,7 +148,8 @@ def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs
         raise CliError(f"a daemon already runs for {home.path} (see hivecell status)", ExitCode.CONFLICT)
     config = DaemonConfig(listen=list(listen) or ["/ip4/127.0.0.1/tcp/0"], warm_workers=warm_workers,
                           max_concurrent_jobs=max_jobs, worker_wall_s=worker_timeout,
-                          worker_memory_mb=worker_memory_mb, worker_threads=worker_threads)
+                          worker_memory_mb=worker_memory_mb, worker_threads=worker_threads,
+                          max_attempts=max_attempts)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,69 @@
+"""Shared fixtures: real node daemons (subprocesses) on loopback with real LMDB stores and real Workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hivecell.node.dataset import encode_tensors, make_record
+from hivecell.node.demo import digits_shards
+from hivecell.node.home import Home
+from hivecell.node.localnet import DaemonProcess, start_daemon
+from hivecell.node.store import Store
+
+# One private row of 64 random float32 values in the digits' range: 256 bytes no model, advert or message would
+# contain by chance (any 16 of them in a row are checked).
+CANARY = np.random.default_rng(20261124).uniform(0.05, 0.95, size=(1, 1, 8, 8)).astype(np.float32)
+
+
+def add_dataset(home: Home, name: str, x: np.ndarray, y: np.ndarray, *, signoff: str = "auto",
+                tags: tuple[str, ...] = ("digits",)) -> None:
+    identity, _ = home.init()
+    record = make_record(name=name, features=x, labels=y, feature_names=[], tags=list(tags), signoff=signoff,
+                         owner=identity.peer_id, description=f"test dataset {name}")
+    with Store.open(home.store_path) as store:
+        store.add_dataset(record, encode_tensors(x, y))
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """One quarter of scikit-learn's digits, as the demo's first node holds it."""
+    return digits_shards(4)[0]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, digits: tuple[np.ndarray, np.ndarray]) -> Iterator[DaemonProcess]:
+    """A daemon with datasets ``digits`` (auto sign-off), ``digits-manual`` and ``canary`` (private rows planted).
+
+    Every frame it sends is copied to ``<home>/wire.tap``.
+    """
+    home = Home(tmp_path_factory.mktemp("node"))
+    x, y = digits
+    add_dataset(home, "digits", x, y)
+    add_dataset(home, "digits-manual", x, y, signoff="manual")
+    xc = np.concatenate([x, np.repeat(CANARY, 3, axis=0)])
+    yc = np.concatenate([y, np.array([3, 3, 3], dtype=np.int64)])
+    add_dataset(home, "canary", xc, yc)
+    daemon = start_daemon(home.path, "--warm-workers", "1", env={"HIVECELL_WIRE_TAP": str(home.path / "wire.tap")})
+    yield daemon
+    daemon.stop()
+    assert "Traceback" not in daemon.log_tail(200_000), daemon.log_tail()
+
+
+@pytest.fixture(scope="session")
+def plan_factory():
+    from hivecell.node.plan import build_plan
+    from hivecell.node.zoo import DigitsCNN, digits_example_input
+
+    def make(**recipe):
+        base = {"optimizer": "adam", "lr": 0.01, "batch_size": 32, "epochs": 15, "seed": 0}
+        return build_plan(DigitsCNN(), digits_example_input(), dict(base, **recipe))
+
+    return make
+
+
+def home_of(daemon: DaemonProcess) -> Home:
+    return Home(Path(daemon.home))

@@ -1,0 +1,104 @@
+"""Faults: Workers that run or allocate without bound, and a daemon killed with SIGKILL in the middle of a job."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from hivecell.node.client import Client
+from hivecell.node.home import Home
+from hivecell.node.localnet import start_daemon
+from hivecell.node.store import Store
+
+from conftest import add_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def home(tmp_path, digits) -> Home:
+    home = Home(tmp_path / "node")
+    add_dataset(home, "digits", *digits)
+    return home
+
+
+async def _wait_state(client: Client, job_id: str, wanted: set[str], timeout: float = 300):
+    with trio.fail_after(timeout):
+        status = await client.status(job_id)
+        while status.state not in wanted:
+            status = await client.status(job_id, since=status.seq, wait_s=10)
+        return status
+
+
+async def test_worker_past_its_wall_time_is_killed(home, plan_factory):
+    daemon = start_daemon(home.path, "--warm-workers", "0", "--worker-timeout", "4")
+    try:
+        async with Client.connect(daemon.address) as client:
+            job_id = await client.submit("digits", plan_factory(epochs=1000))
+            status = await _wait_state(client, job_id, {"failed", "released"})
+            assert status.state == "failed" and status.reason.startswith("timeout"), status
+            assert {d.name for d in await client.datasets()} == {"digits"}  # still serving
+    finally:
+        daemon.stop()
+
+
+async def test_worker_past_its_memory_limit_is_killed(home):
+    import torch
+
+    from hivecell.node.plan import build_plan
+
+    class Hog(torch.nn.Module):
+        """Allocates ~40 GB in forward: a plan that passes the audit but would eat the box."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            big = x.new_ones(100_000, 100_000)
+            return self.fc(x.flatten(1)) + big.sum() * 0
+
+    plan = build_plan(Hog(), torch.zeros(4, 1, 8, 8), {"epochs": 1})
+    daemon = start_daemon(home.path, "--warm-workers", "0", "--worker-memory-mb", "1024")
+    try:
+        async with Client.connect(daemon.address) as client:
+            job_id = await client.submit("digits", plan)
+            status = await _wait_state(client, job_id, {"failed", "released"})
+            assert status.state == "failed" and status.reason.startswith("memory"), status
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("max_attempts, final", [(2, "released"), (1, "failed")])
+async def test_kill_9_while_a_job_runs(home, plan_factory, max_attempts, final):
+    """After SIGKILL mid-job the store opens, nothing is lost, and the job re-runs or fails -- never stays running."""
+    args = ("--warm-workers", "0", "--max-attempts", str(max_attempts))
+    daemon = start_daemon(home.path, *args)
+    plan = plan_factory(epochs=25)
+    try:
+        async with Client.connect(daemon.address) as client:
+            job_id = await client.submit("digits", plan)
+            status = await _wait_state(client, job_id, {"running"})
+            while not status.progress.get("epoch"):  # well inside training
+                status = await client.status(job_id, since=status.seq, wait_s=10)
+        daemon.kill()
+        with Store.open(home.store_path) as store:  # the store opens after a power-cut-like kill
+            job = store.get_job(job_id)
+            assert job["state"] == "running" and job["attempts"] == 1
+            assert store.get_dataset("digits") is not None
+            assert store.get_blob(job["program_key"]) is not None
+        daemon = start_daemon(home.path, *args)
+        async with Client.connect(daemon.address) as client:
+            status = await client.status(job_id)
+            assert status.state != "running" or status.seq > job["seq"]  # recovered on start, maybe running again
+            status = await client.wait(job_id, timeout=300)
+            assert status.state == final, status
+            if final == "released":
+                result = await client.result(job_id)
+                assert result.metrics["accuracy"] > 0.5
+            else:
+                assert status.reason.startswith("interrupted")
+        with Store.open(home.store_path) as store:
+            assert store.get_job(job_id)["attempts"] == max_attempts
+    finally:
+        daemon.stop()

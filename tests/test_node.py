@@ -1,0 +1,242 @@
+"""The data-centric workflow end to end against a real daemon: train, verify, and every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import trio
+
+from hivecell.crypto.identity import Identity
+from hivecell.crypto.record import seal
+from hivecell.crypto.signoff import SignOff, sign_signoff
+from hivecell.mesh.frame import read_frame
+from hivecell.mesh.host import RemoteError
+from hivecell.mesh.message import ErrorCode
+from hivecell.node.client import Client, JobFailed, ResultRejected
+from hivecell.node.release import encode_result
+from hivecell.node.wire import DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, JobAccepted, SubmitJob
+
+from conftest import CANARY, home_of
+
+pytestmark = pytest.mark.slow
+
+
+async def _still_serving(client: Client) -> None:
+    names = {d.name for d in await client.datasets()}
+    assert {"digits", "digits-manual", "canary"} <= names
+
+
+def _request(identity: Identity, node: str, plan, *, dataset: str = "digits", recipe=None, ttl: float = 300,
+             now: float | None = None, job_id: str | None = None, plan_hash: str | None = None) -> bytes:
+    return seal(identity, JOB_DOMAIN, {
+        "job_id": job_id or hashlib.md5(str(time.time_ns()).encode()).hexdigest(), "node": node, "dataset": dataset,
+        "plan_hash": plan_hash or plan.hash, "recipe": plan.recipe if recipe is None else recipe,
+    }, ttl=ttl, now=now, with_nonce=True)
+
+
+async def test_train_verify_and_use_the_model(node, plan_factory, digits):
+    import torch
+
+    from hivecell.node.zoo import DigitsCNN
+
+    plan = plan_factory()
+    seen = []
+    async with Client.connect(node.address) as client:
+        infos = {d.name: d for d in await client.datasets()}
+        assert infos["digits"].owner == node.peer_id and infos["digits"].schema["num_samples"] == len(digits[0])
+        result = await client.train("digits", plan, on_progress=seen.append, timeout=300)
+    assert result.metrics["accuracy"] > 0.8
+    assert result.signoff.node == node.peer_id and result.signoff.decision == "auto"
+    assert result.signoff.plan_hash == plan.hash
+    assert {s.state for s in seen} >= {"released"} and any(s.progress.get("epoch") for s in seen)
+    # The weights are usable: load them into a fresh model and check it beats chance on data the node has.
+    model = result.apply_to(DigitsCNN())
+    x, y = digits
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+    assert acc > 0.8
+
+
+@pytest.mark.parametrize("case, code", [
+    ("unknown_recipe_key", ErrorCode.BAD_RECIPE),
+    ("negative_lr", ErrorCode.BAD_RECIPE),
+    ("unknown_dataset", ErrorCode.UNKNOWN_DATASET),
+    ("expired", ErrorCode.EXPIRED),
+    ("future", ErrorCode.EXPIRED),
+    ("bad_signature", ErrorCode.BAD_SIGNATURE),
+    ("signed_by_another_peer", ErrorCode.FORBIDDEN),
+    ("wrong_node", ErrorCode.WRONG_NODE),
+    ("plan_hash_mismatch", ErrorCode.BAD_PLAN),
+    ("pickle_program", ErrorCode.BAD_PLAN),
+    ("pickle_weights", ErrorCode.BAD_PLAN),
+    ("pt2_archive", ErrorCode.BAD_PLAN),
+])
+async def test_bad_job_requests_are_refused_with_a_code(node, plan_factory, tmp_path, case, code):
+    plan = plan_factory(epochs=1)
+    program, weights, recipe = plan.program, plan.weights, None
+    marker = tmp_path / "pwned"
+
+    class Exploit:  # unpickling this runs code: it must never be unpickled
+        def __reduce__(self):
+            return (subprocess.call, (["touch", str(marker)],))
+
+    async with Client.connect(node.address) as client:
+        me = client.host.identity
+        kwargs = {}
+        if case == "unknown_recipe_key":
+            recipe = dict(plan.recipe, sneaky_python="import os")
+        elif case == "negative_lr":
+            recipe = dict(plan.recipe, lr=-1.0)
+        elif case == "unknown_dataset":
+            kwargs["dataset"] = "no-such-data"
+        elif case == "expired":
+            kwargs.update(now=time.time() - 3600, ttl=60)
+        elif case == "future":
+            kwargs.update(now=time.time() + 3600)
+        elif case == "signed_by_another_peer":
+            me = Identity.generate()
+        elif case == "wrong_node":
+            pass
+        elif case == "plan_hash_mismatch":
+            kwargs["plan_hash"] = "0" * 64
+        elif case == "pickle_program":
+            program = pickle.dumps(Exploit())
+        elif case == "pickle_weights":
+            weights = pickle.dumps({"c1.weight": Exploit()})
+        elif case == "pt2_archive":
+            import io
+
+            import torch
+
+            from hivecell.node.zoo import DigitsCNN, digits_example_input
+            buf = io.BytesIO()
+            torch.export.save(torch.export.export(DigitsCNN(), (digits_example_input(),)), buf)
+            program = buf.getvalue()
+        if recipe is not None or case.startswith(("pickle", "pt2")):
+            from hivecell.node.plan import plan_hash
+            kwargs["plan_hash"] = plan_hash(program, weights, plan.recipe if recipe is None else recipe)
+        target = Identity.generate().peer_id if case == "wrong_node" else node.peer_id
+        request = _request(me, target, plan, recipe=recipe, **kwargs)
+        if case == "bad_signature":
+            request = request[:-3] + bytes(b ^ 0xFF for b in request[-3:])
+        with pytest.raises(RemoteError) as err:
+            await client.host.request(node.peer_id, JOB_PROTOCOL,
+                                      SubmitJob(request=request, program=program, weights=weights),
+                                      expect=JobAccepted)
+        assert err.value.code == code, err.value
+        await _still_serving(client)
+    assert not marker.exists(), "code from the network ran"
+
+
+async def test_replayed_request_is_refused(node, plan_factory):
+    plan = plan_factory(epochs=1)
+    async with Client.connect(node.address) as client:
+        request = _request(client.host.identity, node.peer_id, plan)
+        msg = SubmitJob(request=request, program=plan.program, weights=plan.weights)
+        await client.host.request(node.peer_id, JOB_PROTOCOL, msg, expect=JobAccepted)
+        with pytest.raises(RemoteError) as err:
+            await client.host.request(node.peer_id, JOB_PROTOCOL, msg, expect=JobAccepted)
+        assert err.value.code == ErrorCode.REPLAY
+        await _still_serving(client)
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"\x00\x00\x00\x05garbg", ErrorCode.BAD_MESSAGE),
+    (struct.pack(">I", 3) + msgpack.packb([1, 2]), ErrorCode.BAD_MESSAGE),
+    (struct.pack(">I", 12) + msgpack.packb({"t": "sub", "request": 1}), ErrorCode.BAD_MESSAGE),
+    (struct.pack(">I", 0xFFFFFFF0), ErrorCode.FRAME_TOO_LARGE),  # 4 GB announced; nothing more sent
+])
+async def test_garbage_and_oversized_frames(node, payload, code):
+    async with Client.connect(node.address) as client:
+        for protocol in (JOB_PROTOCOL, DATASET_PROTOCOL):
+            async with client.host.raw_stream(node.peer_id, protocol) as stream:
+                await stream.write(payload)
+                with trio.fail_after(10):
+                    reply = protocol.decode(await read_frame(stream, cap=1 << 20))
+            assert reply.code == code
+        await _still_serving(client)
+
+
+async def test_tampered_signoffs_are_refused(node, plan_factory):
+    plan = plan_factory(epochs=2)
+    async with Client.connect(node.address) as client:
+        await client.datasets()
+        good = await client.train("digits", plan, timeout=300)
+        job_id, result = good.job_id, encode_result(good.weights, good.metrics)
+        client.verify(job_id, result, good.signoff_record)  # the untampered pair verifies
+
+        other = Identity.generate()
+        changed_weights = encode_result(good.weights[:-4] + b"\x00\x00\x80\x3f", good.metrics)
+        fields = {**good.signoff.__dict__}
+        forged_signer = sign_signoff(other, SignOff(**fields))
+        forged_eps = sign_signoff(other, SignOff(**{**fields, "epsilon": 0.1}))
+        flipped = bytearray(good.signoff_record)
+        flipped[-10] ^= 0x01
+        other_job = sign_signoff(other, SignOff(**{**fields, "job_id": "f" * 32}))
+        for res, so in [(changed_weights, good.signoff_record), (result, forged_signer), (result, forged_eps),
+                        (result, bytes(flipped)), (result, other_job), (result, b"garbage")]:
+            with pytest.raises(ResultRejected):
+                client.verify(job_id, res, so)
+
+
+async def test_manual_signoff_approve_and_reject(node, plan_factory):
+    plan = plan_factory(epochs=2)
+    home = home_of(node)
+    async with Client.connect(node.address) as client:
+        await client.datasets()
+        approved = await client.submit("digits-manual", plan)
+        rejected = await client.submit("digits-manual", plan)
+        for job_id in (approved, rejected):
+            with trio.fail_after(300):
+                while (await client.status(job_id, wait_s=5)).state != "awaiting_signoff":
+                    pass
+            with pytest.raises(RemoteError) as err:
+                await client.result(job_id)
+            assert err.value.code == ErrorCode.NOT_READY
+        cli = [sys.executable, "-m", "hivecell.node.cli", "--home", str(home.path), "jobs"]
+        await trio.run_process([*cli, "approve", approved])
+        await trio.run_process([*cli, "reject", rejected, "--reason", "too revealing"])
+        again = await trio.run_process([*cli, "approve", rejected], check=False, capture_stderr=True)
+        assert again.returncode == 4 and b"withheld" in again.stderr
+        assert (await client.wait(approved, timeout=60)).state == "released"
+        result = await client.result(approved)
+        assert result.signoff.decision == "owner" and result.signoff.dataset == "digits-manual"
+        status = await client.wait(rejected, timeout=60)
+        assert status.state == "withheld" and "too revealing" in status.reason
+        with pytest.raises(RemoteError) as err:
+            await client.result(rejected)
+        assert err.value.code == ErrorCode.WITHHELD
+
+
+async def test_another_scientist_cannot_see_my_job(node, plan_factory):
+    plan = plan_factory(epochs=1)
+    async with Client.connect(node.address) as mine, Client.connect(node.address) as theirs:
+        job_id = await mine.submit("digits", plan)
+        for call in (theirs.status(job_id), theirs.result(job_id)):
+            with pytest.raises(RemoteError) as err:
+                await call
+            assert err.value.code == ErrorCode.UNKNOWN_JOB
+        await mine.wait(job_id, timeout=300)
+
+
+async def test_private_rows_never_leave_the_node(node, plan_factory):
+    """Run a job on the dataset holding planted canary rows; no frame the node sent may contain them."""
+    plan = plan_factory(epochs=2)
+    async with Client.connect(node.address) as client:
+        infos = {d.name: d for d in await client.datasets()}
+        assert infos["canary"].mock["synthetic"] is True
+        result = await client.train("canary", plan, timeout=300)
+    canary = CANARY.tobytes()
+    stored = (home_of(node).store_path / "data.mdb").read_bytes()
+    assert canary[:32] in stored  # the canary really is in the private data, so the check below can fail
+    tap = (home_of(node).path / "wire.tap").read_bytes()
+    assert result.signoff_record in tap and len(tap) > 10_000  # the tap saw what the node sent
+    for offset in range(0, len(canary) - 16, 16):
+        assert canary[offset:offset + 16] not in tap
