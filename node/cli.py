@@ -17,6 +17,9 @@ from typing import Any
 
 import click
 
+if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
+
 from .home import Home, default_home
 
 __all__ = ["main", "ExitCode"]
@@ -143,9 +146,9 @@ def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs
     from .daemon import DaemonConfig, serve_daemon
 
     _setup_logging(ctx.obj["verbose"], default=logging.INFO)
+    from .home import DaemonRunning
+
     home = _home(ctx)
-    if home.daemon_info() is not None:
-        raise CliError(f"a daemon already runs for {home.path} (see hivecell status)", ExitCode.CONFLICT)
     config = DaemonConfig(listen=list(listen) or ["/ip4/127.0.0.1/tcp/0"], warm_workers=warm_workers,
                           max_concurrent_jobs=max_jobs, worker_wall_s=worker_timeout,
                           worker_memory_mb=worker_memory_mb, worker_threads=worker_threads,
@@ -166,10 +169,23 @@ def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs
                 click.echo(f"listening on {addr}")
             sys.stdout.flush()
 
+    if home.daemon_running():
+        raise CliError(f"a daemon already runs for {home.path} (see: hivecell status)", ExitCode.CONFLICT)
     try:
         trio.run(main)
-    except OSError as exc:
-        raise CliError(f"cannot start the daemon: {exc}", ExitCode.FAILURE) from exc
+    except Exception as exc:  # trio wraps errors in exception groups; map the ones an operator can act on
+        for leaf in _leaves(exc):
+            if isinstance(leaf, DaemonRunning):
+                raise CliError(str(leaf), ExitCode.CONFLICT) from exc
+            if isinstance(leaf, OSError):
+                raise CliError(f"cannot start the daemon: {leaf}", ExitCode.FAILURE) from exc
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 @cli.command()

@@ -183,7 +183,11 @@ class Daemon:
                 self._work = trio.Event()
                 continue
             self._notify()
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception:  # a bug of ours must cost one job, not the daemon
+                logger.exception("job %s: internal error", job["id"])
+                await self._fail(job["id"], "internal: the node hit an error running this job")
             self._notify()
 
     def _claim(self) -> dict[str, Any] | None:
@@ -225,8 +229,12 @@ class Daemon:
         logger.info("job %s %s: %s", job_id, record["state"], result.metrics)
 
     async def _fail(self, job_id: str, reason: str) -> None:
-        await trio.to_thread.run_sync(
-            self.store.update_job, job_id, lambda j: jobsm.transition(j, jobsm.JobState.FAILED, reason=reason[:500]))
+        def change(job: dict[str, Any]) -> dict[str, Any]:
+            if job["state"] != jobsm.JobState.RUNNING.value:
+                return job
+            return jobsm.transition(job, jobsm.JobState.FAILED, reason=reason[:500])
+
+        await trio.to_thread.run_sync(self.store.update_job, job_id, change)
 
 
 def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:
@@ -241,6 +249,11 @@ def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:
 async def serve_daemon(home: Home, config: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon of ``home`` until cancelled. ``task_status.started`` receives the listen addresses."""
     identity, _ = home.init()
+    with home.daemon_lock():
+        await _serve_locked(home, identity, config, task_status=task_status)
+
+
+async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *, task_status) -> None:
     store = Store.open(home.store_path)
     try:
         for job in recover_jobs(store, max_attempts=config.max_attempts):

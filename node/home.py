@@ -4,20 +4,32 @@
         node.key               Ed25519 key, mode 0600
         store/                 LMDB environment (datasets, blobs, jobs, results)
         daemon.json            written by a running daemon: peer id, addresses, pid
+        daemon.lock            held (flock) by the running daemon for its whole life
+
+A daemon is running exactly when someone holds ``daemon.lock``. The lock dies with the process, so a daemon killed by
+SIGKILL or a power cut leaves no stale "running" state behind (a pid file alone would: in a container the restarted
+daemon is pid 1 again, the same pid as the dead one).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hivecell.crypto.identity import Identity
 
-__all__ = ["Home", "default_home"]
+__all__ = ["Home", "default_home", "DaemonRunning"]
+
+
+class DaemonRunning(Exception):
+    """Another daemon already runs for this home."""
 
 
 def default_home() -> Path:
@@ -63,6 +75,41 @@ class Home:
             raise FileNotFoundError(f"{self.path} has no node key; run: hivecell --home {self.path} init")
         return Identity.load(self.key_path)
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "daemon.lock"
+
+    @contextmanager
+    def daemon_lock(self) -> Iterator[None]:
+        """Hold the daemon lock for the ``with`` block.
+
+        Raises:
+            DaemonRunning: another daemon holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DaemonRunning(f"a daemon already runs for {self.path} (see: hivecell status)") from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def daemon_running(self) -> bool:
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def write_daemon_info(self, info: dict[str, Any]) -> None:
         tmp = self.daemon_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(dict(info, pid=os.getpid(), started=time.time()), indent=2))
@@ -77,18 +124,10 @@ class Home:
             pass
 
     def daemon_info(self) -> dict[str, Any] | None:
-        """The running daemon's address file, or ``None`` if no daemon of this home is alive."""
+        """The running daemon's address file, or ``None`` if no daemon of this home runs."""
+        if not self.daemon_running():
+            return None
         try:
-            info = json.loads(self.daemon_file.read_text())
+            return json.loads(self.daemon_file.read_text())
         except (FileNotFoundError, ValueError):
-            return None
-        pid = info.get("pid")
-        if not isinstance(pid, int):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # stale file of a daemon that was killed
-        except PermissionError:
-            pass
-        return info
+            return None  # starting: locked, not yet listening
