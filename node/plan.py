@@ -759,11 +759,14 @@ def to_eval_module(module: torch.nn.Module) -> torch.nn.Module:
     rewrite them on a copy (the original keeps training behaviour). Running statistics are left untouched.
     """
     import copy
+    import warnings
 
     import torch
 
     aten = torch.ops.aten
-    clone = copy.deepcopy(module)
+    with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy of the in/out specs
+        warnings.simplefilter("ignore", FutureWarning)
+        clone = copy.deepcopy(module)
     for node in clone.graph.nodes:
         if node.op != "call_function":
             continue
