@@ -165,8 +165,11 @@ class Client:
                 status = nxt
             return status
 
-    async def result(self, job_id: str) -> JobResult:
+    async def result(self, job_id: str, *, dataset: str | None = None, plan_hash: str | None = None) -> JobResult:
         """Fetch and verify a released result.
+
+        A job submitted by this client is checked against the dataset and plan it was sent with; for a job submitted
+        in an earlier session (same identity), pass ``dataset`` and ``plan_hash`` to have them checked too.
 
         Raises:
             RemoteError: not released (``not_ready``, ``withheld``, ``job_failed``).
@@ -174,6 +177,8 @@ class Client:
         """
         reply = await self.host.request(self.node, JOB_PROTOCOL, FetchResult(job_id=job_id), expect=JobResultMsg,
                                         timeout=120.0)
+        if job_id not in self._plans and dataset is not None and plan_hash is not None:
+            self._plans[job_id] = (dataset, plan_hash)
         return self.verify(job_id, reply.result, reply.signoff)
 
     def verify(self, job_id: str, result: bytes, signoff: bytes) -> JobResult:

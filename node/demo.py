@@ -67,7 +67,7 @@ def run_demo(*, nodes: int = 4, epochs: int = 30, workdir: Path | None = None, q
     """Run the demo and return its report (the ``--json`` output)."""
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=quiet)
+    console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hivecell-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     daemons: list[DaemonProcess] = []

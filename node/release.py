@@ -76,7 +76,7 @@ def reject_job(store: Store, job_id: str, reason: str = "") -> dict[str, Any]:
     """
     job = store.update_job(job_id, lambda j: transition(j, JobState.WITHHELD, reason=reason or "withheld by the owner"))
     if job.get("result_hash"):
-        store.delete_blob(job["result_hash"])
+        store.delete_blob(job["result_hash"], unless_used_by_other_than=job_id)
     return job
 
 

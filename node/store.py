@@ -98,9 +98,24 @@ class Store:
         with self._env.begin(db=self._db["blobs"]) as txn:
             return txn.get(key.encode())
 
-    def delete_blob(self, key: str) -> None:
-        with self._env.begin(write=True, db=self._db["blobs"]) as txn:
-            txn.delete(key.encode())
+    def delete_blob(self, key: str, *, unless_used_by_other_than: str | None = None) -> bool:
+        """Delete a blob; with ``unless_used_by_other_than=JOB_ID``, only if no other job or dataset refers to it.
+
+        Blobs are content-addressed, so two jobs with the same plan and data share one result blob. Returns whether
+        the blob was deleted.
+        """
+        with self._env.begin(write=True) as txn:
+            if unless_used_by_other_than is not None:
+                for _, raw in txn.cursor(db=self._db["jobs"]):
+                    job = _unpack(raw)
+                    if job["id"] != unless_used_by_other_than and key in (
+                        job.get("result_hash"), job.get("program_key"), job.get("weights_key")
+                    ) and not (job.get("state") == "withheld" and job.get("result_hash") == key):
+                        return False
+                for _, raw in txn.cursor(db=self._db["datasets"]):
+                    if _unpack(raw).get("data_key") == key:
+                        return False
+            return txn.delete(key.encode(), db=self._db["blobs"])
 
     # -- datasets --------------------------------------------------------------------------------------------------
     def add_dataset(self, record: dict[str, Any], data: bytes) -> None:

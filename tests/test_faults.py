@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from hivecell.crypto.identity import Identity
 from hivecell.node.client import Client
 from hivecell.node.home import Home
 from hivecell.node.localnet import start_daemon
@@ -48,15 +49,16 @@ async def test_worker_past_its_memory_limit_is_killed(home):
     from hivecell.node.plan import build_plan
 
     class Hog(torch.nn.Module):
-        """Allocates ~40 GB in forward: a plan that passes the audit but would eat the box."""
+        """Allocates ~80 GB in forward (expand + contiguous): a plan that passes the audit but would eat the box."""
 
         def __init__(self):
             super().__init__()
             self.fc = torch.nn.Linear(64, 10)
 
         def forward(self, x):
-            big = x.new_ones(100_000, 100_000)
-            return self.fc(x.flatten(1)) + big.sum() * 0
+            flat = x.reshape(x.shape[0], 64)
+            big = flat.reshape(x.shape[0], 64, 1).expand(x.shape[0], 64, 10_000_000).contiguous()
+            return self.fc(flat) + big.sum() * 0
 
     plan = build_plan(Hog(), torch.zeros(4, 1, 8, 8), {"epochs": 1})
     daemon = start_daemon(home.path, "--warm-workers", "0", "--worker-memory-mb", "1024")
@@ -75,8 +77,9 @@ async def test_kill_9_while_a_job_runs(home, plan_factory, max_attempts, final):
     args = ("--warm-workers", "0", "--max-attempts", str(max_attempts))
     daemon = start_daemon(home.path, *args)
     plan = plan_factory(epochs=25)
+    scientist = Identity.generate()  # the same scientist asks again after the restart
     try:
-        async with Client.connect(daemon.address) as client:
+        async with Client.connect(daemon.address, identity=scientist) as client:
             job_id = await client.submit("digits", plan)
             status = await _wait_state(client, job_id, {"running"})
             while not status.progress.get("epoch"):  # well inside training
@@ -88,13 +91,14 @@ async def test_kill_9_while_a_job_runs(home, plan_factory, max_attempts, final):
             assert store.get_dataset("digits") is not None
             assert store.get_blob(job["program_key"]) is not None
         daemon = start_daemon(home.path, *args)
-        async with Client.connect(daemon.address) as client:
+        async with Client.connect(daemon.address, identity=scientist) as client:
             status = await client.status(job_id)
             assert status.state != "running" or status.seq > job["seq"]  # recovered on start, maybe running again
             status = await client.wait(job_id, timeout=300)
             assert status.state == final, status
             if final == "released":
-                result = await client.result(job_id)
+                result = await client.result(job_id, dataset="digits", plan_hash=plan.hash)
+                assert result.signoff.plan_hash == plan.hash
                 assert result.metrics["accuracy"] > 0.5
             else:
                 assert status.reason.startswith("interrupted")

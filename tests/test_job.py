@@ -88,3 +88,15 @@ def test_worker_side_reader_is_read_only(tmp_path):
         "try:\n    env.begin(write=True); sys.exit(3)\nexcept lmdb.Error:\n    pass\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_withheld_result_keeps_a_blob_another_job_shares(tmp_path):
+    """Two jobs with the same plan and data produce the same result bytes: withholding one keeps the other's."""
+    with Store.open(tmp_path / "s") as store:
+        key = store.put_blob(b"same result")
+        for jid, state in (("1" * 32, "released"), ("2" * 32, "withheld")):
+            store.create_job(dict(jobsm.new_job(job_id=jid), state=state, result_hash=key))
+        assert not store.delete_blob(key, unless_used_by_other_than="2" * 32)
+        assert store.get_blob(key) == b"same result"
+        assert store.delete_blob(key, unless_used_by_other_than="1" * 32)  # only a withheld job refers to it
+        assert store.get_blob(key) is None
