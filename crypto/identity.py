@@ -144,15 +144,22 @@ class Identity:
         if path.exists():
             raise FileExistsError(f"{path} already exists; refusing to overwrite a key")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, _KEY_FILE_MAGIC + self.seed().hex().encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)  # fails if another process saved a key meanwhile: never replace a key
+        finally:
+            os.unlink(tmp)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the key survives a power cut once save() returns
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:

@@ -7,10 +7,13 @@ A frame is a 4-byte big-endian length followed by that many bytes. We read with 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 import threading
 from typing import Protocol
+
+import trio
 
 __all__ = ["FrameTooLarge", "FrameError", "read_frame", "write_frame", "encode_frame", "set_wire_tap"]
 
@@ -63,24 +66,32 @@ async def write_frame(stream: ByteStream, payload: bytes) -> None:
     await stream.write(frame)
 
 
-async def _read_exactly(stream: ByteStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.read(n - len(buf))
+async def _read_exactly(stream: ByteStream, n: int, idle_timeout: float) -> bytes:
+    buf = bytearray(n)  # one allocation of the announced size (already checked against the cap)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        with trio.fail_after(idle_timeout):
+            chunk = await stream.read(n - got)
         if not chunk:
-            raise FrameError(f"stream closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+            raise FrameError(f"stream closed after {got} of {n} bytes")
+        view[got:got + len(chunk)] = chunk
+        got += len(chunk)
+    return bytes(buf) if n < 1 << 16 else buf  # type: ignore[return-value]  # bytes-like; large frames avoid a copy
 
 
-async def read_frame(stream: ByteStream, *, cap: int) -> bytes:
+async def read_frame(stream: ByteStream, *, cap: int, idle_timeout: float = math.inf) -> bytes:
     """Read one frame of at most ``cap`` bytes.
+
+    ``idle_timeout`` bounds the wait for each piece, not the whole frame: a slow link may take minutes to carry a
+    large plan, but a peer that stops sending is cut off.
 
     Raises:
         FrameTooLarge: the length prefix exceeds ``cap`` (nothing more is read).
         FrameError: the stream ended early.
+        trio.TooSlowError: nothing arrived for ``idle_timeout`` seconds.
     """
-    (size,) = _HEADER.unpack(await _read_exactly(stream, _HEADER.size))
+    (size,) = _HEADER.unpack(await _read_exactly(stream, _HEADER.size, idle_timeout))
     if size > cap:
         raise FrameTooLarge(size, cap)
-    return await _read_exactly(stream, size)
+    return await _read_exactly(stream, size, idle_timeout)

@@ -9,6 +9,7 @@ handler takes the whole host down (see shared/notes/py-libp2p-0.8.1.md, pitfall 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -29,6 +31,9 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from hivecell.crypto.identity import Identity
+
+if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 from .frame import FrameError, FrameTooLarge, read_frame, write_frame
 from .message import ErrorCode, ErrorReply, Message, Protocol, RemoteProtocolError
@@ -40,6 +45,8 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 REQUEST_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 30.0  # a peer that sends nothing for this long mid-frame is cut off
+MAX_HANDLERS = 16
 
 
 def short(peer_id: str) -> str:
@@ -81,9 +88,12 @@ def _libp2p_keypair(identity: Identity) -> KeyPair:
 class MeshHost:
     """Our view of a running libp2p host. Create with :func:`open_host`."""
 
-    def __init__(self, identity: Identity, host) -> None:
+    def __init__(self, identity: Identity, host, *, max_handlers: int = MAX_HANDLERS) -> None:
         self.identity = identity
         self._host = host
+        # Requests being handled at once, over all peers and protocols: each may hold a frame of up to its protocol's
+        # cap in memory, so this bounds the daemon's memory whatever peers do. Past it, peers get "busy".
+        self._handlers = trio.CapacityLimiter(max_handlers)
 
     @property
     def peer_id(self) -> str:
@@ -106,37 +116,59 @@ class MeshHost:
                 peer = stream.muxed_conn.peer_id.to_base58()  # authenticated by the Noise handshake
                 reply = Reply(stream, protocol)
                 try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        raw = await read_frame(stream, cap=protocol.max_frame)
-                    message = protocol.decode(raw)
-                except FrameTooLarge as exc:
-                    logger.info("peer %s: %s on %s", short(peer), exc, protocol.id)
-                    await reply.send(ErrorReply(code=ErrorCode.FRAME_TOO_LARGE, message=f"cap is {exc.cap} bytes"))
-                    return
-                except RemoteProtocolError as exc:
-                    logger.info("peer %s: bad message on %s: %s", short(peer), protocol.id, exc)
-                    await reply.send(ErrorReply(code=ErrorCode.BAD_MESSAGE, message=str(exc)[:200]))
+                    self._handlers.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
+                    logger.debug("peer %s: busy, refusing a %s request", short(peer), protocol.id)
+                    with trio.move_on_after(IDLE_TIMEOUT_S):
+                        await reply.send(ErrorReply(code=ErrorCode.BUSY, message="too many requests; retry later"))
                     return
                 try:
-                    await handler(peer, message, reply)
-                except RemoteError as exc:
-                    await reply.send(ErrorReply(code=exc.code, message=exc.message[:500]))
-            except (FrameError, trio.TooSlowError) as exc:
-                logger.debug("peer %s: stream on %s ended: %s", short(peer), protocol.id, exc)
+                    await self._handle(stream, peer, protocol, handler, reply)
+                finally:
+                    self._handlers.release_on_behalf_of(stream)
             except Exception:
-                # A bug of ours or a broken stream: log it here, never let it reach libp2p (pitfall 1b).
+                # A bug of ours: log it here, never let it reach libp2p (pitfall 1b).
                 logger.exception("handler for %s failed (peer %s)", protocol.id, short(peer))
-                try:
-                    await Reply(stream, protocol).send(ErrorReply(code=ErrorCode.INTERNAL))
-                except Exception:
-                    pass
+                with trio.move_on_after(1):
+                    try:
+                        await Reply(stream, protocol).send(ErrorReply(code=ErrorCode.INTERNAL))
+                    except Exception:
+                        pass
             finally:
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+                with trio.move_on_after(1):
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
 
         self._host.set_stream_handler(protocol.id, guarded)
+
+    async def _handle(self, stream, peer: str, protocol: Protocol, handler: Handler, reply: Reply) -> None:
+        """Read, decode and answer one request; what the peer did wrong is logged at DEBUG (a hostile peer must not
+        flood the operator's log) and answered with a code."""
+        try:
+            raw = await read_frame(stream, cap=protocol.max_frame, idle_timeout=IDLE_TIMEOUT_S)
+            message = protocol.decode(raw) if len(raw) < 1 << 20 else await trio.to_thread.run_sync(protocol.decode,
+                                                                                                     raw)
+            del raw
+        except FrameTooLarge as exc:
+            logger.debug("peer %s: %s on %s", short(peer), exc, protocol.id)
+            await reply.send(ErrorReply(code=ErrorCode.FRAME_TOO_LARGE, message=f"cap is {exc.cap} bytes"))
+            return
+        except RemoteProtocolError as exc:
+            logger.debug("peer %s: bad message on %s: %s", short(peer), protocol.id, exc)
+            await reply.send(ErrorReply(code=ErrorCode.BAD_MESSAGE, message=str(exc)[:200]))
+            return
+        except (FrameError, trio.TooSlowError, BaseLibp2pError, OSError) as exc:  # closed, reset or silent mid-frame
+            logger.debug("peer %s: stream on %s ended: %r", short(peer), protocol.id, exc)
+            return
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S * 4):  # a long-poll waits at most 30 s; a reply must drain
+                await handler(peer, message, reply)
+        except RemoteError as exc:
+            await reply.send(ErrorReply(code=exc.code, message=exc.message[:500]))
+        except (trio.TooSlowError, BaseLibp2pError, OSError) as exc:  # the peer stopped reading or reset the stream
+            logger.debug("peer %s: reply on %s not delivered: %r", short(peer), protocol.id, exc)
 
     async def connect(self, address: str) -> str:
         """Dial a ``/ip4/.../tcp/.../p2p/<id>`` address and return the peer id.
@@ -248,5 +280,20 @@ async def open_host(identity: Identity, listen: list[str] | None = None) -> Asyn
         # One connection per peer: with the default of 3 every dial waits out a 250 ms happy-eyeballs timer.
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
-    async with host.run(addrs):
-        yield MeshHost(identity, host)
+    try:
+        async with host.run(addrs):
+            yield MeshHost(identity, host)
+    except BaseExceptionGroup as group:
+        # py-libp2p runs the body inside its own nursery, so an error raised in the ``async with`` body (ours or the
+        # caller's) arrives wrapped in one or two exception groups. When the group holds exactly one error, that
+        # error is the whole story: raise it as itself, so callers can catch PeerUnreachable, RemoteError, ...
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

@@ -71,7 +71,25 @@ def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
     logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+class _Cli(click.Group):
+    """Maps the errors an operator can fix to a message and a named exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from hivecell.crypto.identity import IdentityError
+
+        from .store import StoreError
+
+        try:
+            return super().invoke(ctx)
+        except IdentityError as exc:
+            raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+        except StoreError as exc:
+            raise CliError(f"store: {exc}", ExitCode.FAILURE) from exc
+        except PermissionError as exc:
+            raise CliError(f"permission denied: {exc.filename or exc}", ExitCode.FAILURE) from exc
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.option("--home", "home_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Node home (key, store). Default: $HIVECELL_HOME, else ~/.hivecell.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -392,6 +410,8 @@ def demo(ctx: click.Context, nodes: int, epochs: int, workdir: Path | None, as_j
         raise CliError(str(exc), exc.exit_code) from exc
     if as_json:
         emit_json(report)
+    elif report["job"]["status"] != "released":
+        click.echo(f"job {report['job']['status']}: {report['job'].get('reason', '')}", err=True)
     if report["job"]["status"] != "released":
         ctx.exit(ExitCode.JOB_FAILED)
     if not report["job"]["signoff_verified"]:

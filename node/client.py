@@ -179,6 +179,8 @@ class Client:
                                         timeout=120.0)
         if job_id not in self._plans and dataset is not None and plan_hash is not None:
             self._plans[job_id] = (dataset, plan_hash)
+        if job_id in self._plans and self._plans[job_id][0] not in self._datasets:
+            await self.datasets()  # the owner to check the sign-off against comes from the signed advert
         return self.verify(job_id, reply.result, reply.signoff)
 
     def verify(self, job_id: str, result: bytes, signoff: bytes) -> JobResult:
@@ -188,14 +190,23 @@ class Client:
             ResultRejected: wrong signer, wrong job/plan/scientist/dataset, result bytes that are not the signed ones,
                 or a result that does not decode.
         """
-        dataset, p_hash = self._plans.get(job_id, (None, None))
-        owner = self._datasets[dataset].owner if dataset in self._datasets else self.node
+        if job_id not in self._plans:
+            raise ResultRejected(f"job {job_id} was not submitted by this client; pass dataset= and plan_hash= to "
+                                 f"result() so the sign-off can be checked against them")
+        dataset, p_hash = self._plans[job_id]
+        advert = self._datasets.get(dataset)
+        if advert is None:
+            raise ResultRejected(f"no verified advert for dataset {dataset!r}: its owner is unknown")
         result_hash = hashlib.sha256(result).hexdigest()
         try:
-            statement, _ = verify_signoff(signoff, owner=owner, job_id=job_id, result_hash=result_hash,
+            statement, _ = verify_signoff(signoff, owner=advert.owner, job_id=job_id, result_hash=result_hash,
                                           plan_hash=p_hash, scientist=self.peer_id, dataset=dataset)
         except SignoffRejected as exc:
             raise ResultRejected(f"result of job {job_id} refused: {exc.reason}") from exc
+        if statement.node != self.node:
+            raise ResultRejected(f"result of job {job_id} refused: signed off for another node")
+        if advert.signoff == "manual" and statement.decision != "owner":
+            raise ResultRejected(f"result of job {job_id} refused: the dataset needs the owner's own sign-off")
         try:
             body = strict_unpackb(result, max_len=len(result))
             weights, metrics = body["weights"], body["metrics"]
@@ -280,8 +291,8 @@ class BlockingClient:
              on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
         return self._call("wait", job_id, timeout=timeout, on_progress=on_progress)
 
-    def result(self, job_id: str) -> JobResult:
-        return self._call("result", job_id)
+    def result(self, job_id: str, *, dataset: str | None = None, plan_hash: str | None = None) -> JobResult:
+        return self._call("result", job_id, dataset=dataset, plan_hash=plan_hash)
 
     def train(self, dataset: str, plan: Any, *, timeout: float | None = None,
               on_progress: Callable[[JobStatus], None] | None = None) -> JobResult:

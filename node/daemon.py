@@ -22,7 +22,7 @@ from hivecell.mesh.host import RemoteError, Reply, open_host, short
 from hivecell.mesh.message import ErrorCode, Message
 
 from . import job as jobsm
-from .dataset import make_advert
+from .dataset import DatasetError, check_name, make_advert
 from .home import Home
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
 from .release import complete_job
@@ -51,11 +51,18 @@ class DaemonConfig:
     worker_memory_mb: int = 4096
     worker_threads: int | None = None
     max_attempts: int = jobsm.MAX_ATTEMPTS
+    max_queued: int = 256  # jobs waiting on this node, from everyone
+    max_queued_per_peer: int = 16  # jobs waiting from one scientist
 
 
 def _status(job: dict[str, Any]) -> JobStatus:
+    progress = job.get("progress", {})
+    if job.get("policy") != "auto" and job["state"] != jobsm.JobState.RELEASED.value:
+        # The loss is computed by the scientist's model on private data: a value per epoch that the owner has not
+        # signed off. Where results wait for the owner, the scientist sees how far the job is, not what it learnt.
+        progress = {k: v for k, v in progress.items() if k in ("epoch", "epochs", "seconds")}
     return JobStatus(job_id=job["id"], state=job["state"], seq=job["seq"], reason=job.get("reason", ""),
-                     progress=job.get("progress", {}), timings=job.get("timings", {}))
+                     progress=progress, timings=job.get("timings", {}))
 
 
 class Daemon:
@@ -105,12 +112,16 @@ class Daemon:
         f = request.fields()
         job_id, node, dataset_name, p_hash, recipe = (f.get(k) for k in ("job_id", "node", "dataset", "plan_hash",
                                                                          "recipe"))
-        if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(node, str)
-                and isinstance(dataset_name, str) and isinstance(p_hash, str) and _HASH.match(p_hash)):
+        if not (isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) and isinstance(node, str)
+                and isinstance(dataset_name, str) and isinstance(p_hash, str) and _HASH.fullmatch(p_hash)):
             raise RemoteError(ErrorCode.BAD_MESSAGE, "a job request has job_id (32 hex), node, dataset, plan_hash")
+        try:
+            check_name(dataset_name)
+        except DatasetError:
+            raise RemoteError(ErrorCode.UNKNOWN_DATASET, "not a dataset name") from None
         if node != self.identity.peer_id:
             raise RemoteError(ErrorCode.WRONG_NODE, "this job request is addressed to another node")
-        if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
+        if await trio.to_thread.run_sync(self.store.nonce_seen, request.nonce):
             logger.info("replayed job request %s from %s", job_id, short(peer))
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
         dataset = await trio.to_thread.run_sync(self.store.get_dataset, dataset_name)
@@ -128,9 +139,16 @@ class Daemon:
             raise RemoteError(exc.code, exc.message) from None
         if await trio.to_thread.run_sync(plan_hash, msg.program, msg.weights, recipe) != p_hash:
             raise RemoteError(ErrorCode.BAD_PLAN, "the plan does not match the plan_hash the request signs")
+        program_key, weights_key = await trio.to_thread.run_sync(
+            lambda: (sha256_hex(msg.program), sha256_hex(msg.weights)))
+        queued = await trio.to_thread.run_sync(self.store.count_jobs, peer)
+        if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
+            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
+        if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
+            raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
         job = jobsm.new_job(
             job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized,
-            program_key=sha256_hex(msg.program), weights_key=sha256_hex(msg.weights), request=msg.request,
+            program_key=program_key, weights_key=weights_key, request=msg.request,
             policy=dataset["signoff"],
         )
         job["timings"] = {"received": job["created"]}
@@ -144,7 +162,7 @@ class Daemon:
         return job
 
     async def _own_job(self, peer: str, job_id: str) -> dict[str, Any]:
-        job = await trio.to_thread.run_sync(self.store.get_job, job_id) if _JOB_ID.match(job_id) else None
+        job = await trio.to_thread.run_sync(self.store.get_job, job_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None or job["scientist"] != peer:  # another scientist's job does not exist, as far as you know
             raise RemoteError(ErrorCode.UNKNOWN_JOB, "no such job")
         return job
@@ -176,7 +194,12 @@ class Daemon:
     async def run_jobs(self) -> None:
         """Take queued jobs from the store, oldest first, and run each in a Worker. Never returns."""
         while True:
-            job = await trio.to_thread.run_sync(self._claim)
+            try:
+                job = await trio.to_thread.run_sync(self._claim)
+            except Exception:  # a corrupt record or a full disk: log, back off, keep serving
+                logger.exception("cannot take the next job from the store")
+                await trio.sleep(10)
+                continue
             if job is None:
                 with trio.move_on_after(5.0):  # a submit sets _work; the timeout also picks up re-queued jobs
                     await self._work.wait()
@@ -187,7 +210,11 @@ class Daemon:
                 await self._run(job)
             except Exception:  # a bug of ours must cost one job, not the daemon
                 logger.exception("job %s: internal error", job["id"])
-                await self._fail(job["id"], "internal: the node hit an error running this job")
+                try:
+                    await self._fail(job["id"], "internal: the node hit an error running this job")
+                except Exception:
+                    logger.exception("job %s: cannot record the failure", job["id"])
+                    await trio.sleep(10)
             self._notify()
 
     def _claim(self) -> dict[str, Any] | None:
@@ -208,8 +235,8 @@ class Daemon:
             return
         logger.info("job %s running (attempt %d)", job_id, job["attempts"])
 
-        def on_progress(progress: dict[str, Any]) -> None:
-            self.store.update_job(job_id, lambda j: jobsm.touch(j, progress=progress))
+        async def on_progress(progress: dict[str, Any]) -> None:
+            await trio.to_thread.run_sync(self.store.update_job, job_id, lambda j: jobsm.touch(j, progress=progress))
             self._notify()
 
         limits = WorkerLimits(wall_s=self.config.worker_wall_s, memory_mb=self.config.worker_memory_mb,
@@ -218,6 +245,13 @@ class Daemon:
                          program=program, weights=weights, recipe=job["recipe"])
         try:
             result = await self.pool.run_job(work, limits=limits, on_progress=on_progress)
+        except trio.Cancelled:
+            # The daemon is stopping (SIGTERM): the job goes back to the queue without using up an attempt; only a
+            # crash (kill -9, power cut) counts against max_attempts.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.update_job, job_id, lambda j: jobsm.requeue(j))
+                logger.info("job %s re-queued: the daemon is stopping", job_id)
+            raise
         except WorkerFailed as exc:
             logger.info("job %s failed: %s (%s)", job_id, exc.code, exc.reason)
             await self._fail(job_id, f"{exc.code}: {exc.reason}")
@@ -248,8 +282,9 @@ def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:
 
 async def serve_daemon(home: Home, config: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon of ``home`` until cancelled. ``task_status.started`` receives the listen addresses."""
-    identity, _ = home.init()
     with home.daemon_lock():
+        home.daemon_file.unlink(missing_ok=True)  # a killed daemon's addresses are not ours
+        identity, _ = home.init()
         await _serve_locked(home, identity, config, task_status=task_status)
 
 

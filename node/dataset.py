@@ -74,7 +74,10 @@ def _labels(y: np.ndarray) -> np.ndarray:
     if y.ndim != 1:
         raise DatasetError(f"labels must be one value per sample, got shape {list(y.shape)}")
     if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
-        return y.astype(np.int64)
+        y = y.astype(np.int64)
+        if y.size and (y.min() < 0 or y.max() >= 1 << 16):
+            raise DatasetError("class labels must be integers from 0 to 65535; store other targets as floats")
+        return y
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)):
             raise DatasetError("labels contain NaN or infinity")
@@ -171,19 +174,25 @@ def encode_tensors(features: np.ndarray, labels: np.ndarray) -> bytes:
     return save_tensors({"features": np.ascontiguousarray(features), "labels": np.ascontiguousarray(labels)})
 
 
-def _mock(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
-    """Synthetic rows: uniform noise inside the features' overall [min, max], labels drawn from the label set.
+MOCK_MAX_VALUES = 20_000  # keeps an advert small (records are capped at 1 MiB) whatever the sample shape
 
-    Only two numbers of the private data shape the mock (the global min and max), so no private row can appear in it.
+
+def _mock(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    """Synthetic rows: uniform noise inside the features' overall [min, max], labels drawn from the label space.
+
+    Only two numbers of the private data shape the features (the global min and max), and labels are drawn from the
+    schema's class range (or the labels' overall range for regression), so no private row can appear in it. Rows are
+    flattened (``shape`` says how to fold them) and there are fewer of them for large samples.
     """
+    row = int(np.prod(x.shape[1:]))
+    n = max(0, min(MOCK_ROWS, MOCK_MAX_VALUES // max(row, 1)))
     lo, hi = float(x.min()), float(x.max())
-    rows = rng.uniform(lo, hi, size=(MOCK_ROWS, *x.shape[1:])).round(2)
+    rows = rng.uniform(lo, hi, size=(n, row)).round(2)
     if y.dtype == np.int64:
-        classes = np.unique(y)
-        labels = rng.choice(classes, size=MOCK_ROWS).tolist()
+        labels = rng.integers(0, int(y.max()) + 1, size=n).tolist()
     else:
-        labels = rng.uniform(float(y.min()), float(y.max()), size=MOCK_ROWS).round(2).tolist()
-    return {"features": rows.tolist(), "labels": labels, "synthetic": True}
+        labels = rng.uniform(float(y.min()), float(y.max()), size=n).round(2).tolist()
+    return {"features": rows.tolist(), "shape": [int(d) for d in x.shape[1:]], "labels": labels, "synthetic": True}
 
 
 def make_record(*, name: str, features: np.ndarray, labels: np.ndarray, feature_names: list[str],

@@ -155,5 +155,14 @@ def _scientist(daemons: list[DaemonProcess], specs: list[dict[str, Any]], *, epo
                       f"{result.metrics.get('eval_samples')} held-out samples, sign-off by …{target.peer_id[-8:]} "
                       f"verified ({result.signoff.decision}), {out['seconds']:.1f} s")
 
-    trio.run(main)
+    from hivecell.mesh.host import PeerUnreachable, RemoteError
+
+    try:
+        trio.run(main)
+    except PeerUnreachable as exc:
+        raise DemoError(f"a node could not be reached: {exc}", ExitCode.UNREACHABLE) from exc
+    except RemoteError as exc:
+        raise DemoError(f"the node refused the job: {exc}", ExitCode.JOB_FAILED) from exc
+    except trio.TooSlowError as exc:
+        raise DemoError("the job did not finish within 15 minutes", ExitCode.JOB_FAILED) from exc
     return out

@@ -89,10 +89,14 @@ class Home:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DaemonRunning(f"a daemon already runs for {self.path} (see: hivecell status)") from None
+            for attempt in range(20):  # `hivecell status` probes hold the lock for microseconds: retry a little
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 19:
+                        raise DaemonRunning(f"a daemon already runs for {self.path} (see: hivecell status)") from None
+                    time.sleep(0.05)
             yield
         finally:
             os.close(fd)  # releases the lock

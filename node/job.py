@@ -13,6 +13,8 @@ stored (a stranger cannot fill the disk with refusals). From there::
 
 Every transition is one LMDB transaction (``Store.update_job``) and bumps ``seq``, which watchers long-poll on.
 
+A clean stop (SIGTERM) puts a running job back to ``queued`` without using up an attempt.
+
 Restart rule (``kill -9`` of the daemon): a job found ``running`` when the daemon starts was interrupted. It goes back
 to ``queued`` and runs again if it has attempts left (``max_attempts``, default 2), else ``failed`` with reason
 ``interrupted``. A re-run starts from the job's original plan, so nothing is applied twice, and a job never stays
@@ -25,7 +27,8 @@ import time
 from enum import Enum
 from typing import Any
 
-__all__ = ["JobState", "InvalidTransition", "transition", "recover", "TERMINAL", "MAX_ATTEMPTS"]
+__all__ = ["JobState", "InvalidTransition", "transition", "touch", "requeue", "recover", "new_job", "TERMINAL",
+           "MAX_ATTEMPTS"]
 
 MAX_ATTEMPTS = 2
 
@@ -77,6 +80,14 @@ def touch(record: dict[str, Any], *, now: float | None = None, **changes: Any) -
     """Apply changes that keep the state (progress, timings) and bump ``seq`` so watchers see them."""
     t = time.time() if now is None else now
     return dict(record, **changes, seq=record["seq"] + 1, updated=t)
+
+
+def requeue(record: dict[str, Any], *, now: float | None = None) -> dict[str, Any]:
+    """A running job whose daemon is stopping cleanly: back to the queue, and this run does not count as an attempt."""
+    if record["state"] != JobState.RUNNING.value:
+        return record
+    return transition(record, JobState.QUEUED, now=now, progress={}, attempts=max(0, record.get("attempts", 1) - 1),
+                      reason="re-queued: the node was stopped while it ran")
 
 
 def recover(record: dict[str, Any], *, max_attempts: int = MAX_ATTEMPTS, now: float | None = None) -> dict[str, Any]:

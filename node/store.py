@@ -217,7 +217,22 @@ class Store:
             txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
         return record
 
+    def count_jobs(self, scientist: str) -> dict[str, int]:
+        """Jobs waiting to run (queued): from ``scientist`` and from everyone."""
+        mine = total = 0
+        with self._env.begin(db=self._db["jobs"]) as txn:
+            for _, raw in txn.cursor():
+                job = _unpack(raw)
+                if job.get("state") == "queued":
+                    total += 1
+                    mine += job.get("scientist") == scientist
+        return {"mine": mine, "all": total}
+
     # -- nonces ----------------------------------------------------------------------------------------------------
+    def nonce_seen(self, nonce: bytes) -> bool:
+        with self._env.begin(db=self._db["nonces"]) as txn:
+            return txn.get(nonce) is not None
+
     def remember_nonce(self, nonce: bytes, expires_at: int, *, now: float | None = None) -> bool:
         """Record a request nonce; return False if it was seen before (a replay). Expired nonces are pruned."""
         t = time.time() if now is None else now

@@ -8,8 +8,11 @@ process group can be killed), drains stderr into a bounded tail for local logs, 
 finally kills and reaps the process whatever happens, including when the pool closes.
 
 A keeper task holds ``warm`` spares: processes that have imported torch and wait, untouched by any job data. A job
-claims a ready spare (or, with ``warm=0``, starts a cold one) and the keeper starts a replacement at once. A spare
-that dies while waiting is replaced with exponential backoff so a broken interpreter cannot make the pool spin.
+claims a ready spare (or, with ``warm=0``, starts a cold one). The replacement is started once no job runs, or at once
+if a job is waiting for a worker: importing torch costs seconds of CPU, and on a 2-core box a spare starting beside a
+running job slowed its training several-fold (bench/job_roundtrip.py), so an idle node pays for the next spare, not a
+busy one. A spare that dies while waiting is replaced with exponential backoff so a broken interpreter cannot make the
+pool spin.
 
 :meth:`WorkerPool.run_job` talks to the claimed worker over its pipes and enforces, from the parent side: wall time
 (``trio.fail_after`` then SIGKILL to the group), memory (RSS polled with psutil every 0.5 s, SIGKILL above the limit;
@@ -183,6 +186,8 @@ class WorkerPool:
         self._wake = trio.Event()
         self._spares_changed = trio.Event()
         self._failures = 0
+        self._running = 0  # jobs running now
+        self._claimers = 0  # jobs waiting for a worker
 
     # -- processes ---------------------------------------------------------------------------------------------------
     async def _own_worker(self, w: _Worker, *, task_status: trio.TaskStatus[_Worker] = trio.TASK_STATUS_IGNORED) -> None:
@@ -252,7 +257,7 @@ class WorkerPool:
     async def _keep_spares(self) -> None:
         """Hold ``warm`` spares, replacing claimed and dead ones; back off after failures."""
         while True:
-            if len(self._spares) >= self._warm:
+            if len(self._spares) >= self._warm or (self._running and not self._claimers):
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
@@ -280,6 +285,14 @@ class WorkerPool:
             await self._spares_changed.wait()
 
     async def _claim(self) -> _Worker:
+        self._claimers += 1
+        self._wake.set()
+        try:
+            return await self._claim_one()
+        finally:
+            self._claimers -= 1
+
+    async def _claim_one(self) -> _Worker:
         if self._warm == 0:
             w = _Worker(claimed=True)
             try:
@@ -316,12 +329,16 @@ class WorkerPool:
         t0 = time.monotonic()
         for _ in range(_CLAIM_ATTEMPTS):
             w = await self._claim()
+            self._running += 1
             try:
                 return await self._run_on(w, job, limits, on_progress, wait_s=time.monotonic() - t0)
             except _NotAccepted:
                 # The worker died before it acknowledged the job (a spare that died a moment before it was claimed):
                 # the job never started, so it is safe to hand it to another worker.
                 logger.info("worker %d exited before it accepted job %s; retrying", w.process.pid, job.job_id)
+            finally:
+                self._running -= 1
+                self._wake.set()  # the keeper may start the next spare now
         raise WorkerFailed("crashed", "no worker accepted the job")
 
     async def _run_on(self, w: _Worker, job: WorkerJob, limits: WorkerLimits,

@@ -51,7 +51,7 @@ def test_mock_has_no_private_rows_and_advert_verifies(digits):
     owner = Identity.generate()
     record = make_record(name="digits", features=x, labels=y, feature_names=[], tags=["Digits", "images"],
                          owner=owner.peer_id)
-    mock = np.asarray(record["mock"]["features"], dtype=np.float32)
+    mock = np.asarray(record["mock"]["features"], dtype=np.float32).reshape(-1, *record["mock"]["shape"])
     assert mock.shape == (5, 1, 8, 8) and record["mock"]["synthetic"]
     for row in mock:
         assert not np.any(np.all(np.isclose(x, row, atol=1e-6), axis=(1, 2, 3)))
@@ -70,3 +70,16 @@ def test_bad_descriptions(digits, kw, match):
     x, y = digits
     with pytest.raises(DatasetError, match=match):
         make_record(**{"name": "ok", "features": x, "labels": y, "feature_names": [], "owner": "o", **kw})
+
+
+def test_mock_of_large_samples_stays_small():
+    x = np.random.default_rng(0).random((4, 3, 128, 128), dtype=np.float32)
+    record = make_record(name="big", features=x, labels=np.array([0, 1, 2, 1]), feature_names=[], owner="o")
+    assert record["mock"]["features"] == [] and record["mock"]["shape"] == [3, 128, 128]
+    assert len(make_advert(Identity.generate(), record)) < 10_000
+
+
+def test_negative_class_labels_are_refused(tmp_path):
+    np.savez(tmp_path / "neg.npz", x=np.zeros((2, 3)), y=np.array([-1, 1]))
+    with pytest.raises(DatasetError, match="0 to 65535"):
+        load_file(tmp_path / "neg.npz")

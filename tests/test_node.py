@@ -180,10 +180,14 @@ async def test_tampered_signoffs_are_refused(node, plan_factory):
         flipped = bytearray(good.signoff_record)
         flipped[-10] ^= 0x01
         other_job = sign_signoff(other, SignOff(**{**fields, "job_id": "f" * 32}))
+        node_key_for_other_node = sign_signoff(other, SignOff(**{**fields, "node": other.peer_id}))
         for res, so in [(changed_weights, good.signoff_record), (result, forged_signer), (result, forged_eps),
-                        (result, bytes(flipped)), (result, other_job), (result, b"garbage")]:
+                        (result, bytes(flipped)), (result, other_job), (result, b"garbage"),
+                        (result, node_key_for_other_node)]:
             with pytest.raises(ResultRejected):
                 client.verify(job_id, res, so)
+        with pytest.raises(ResultRejected, match="not submitted by this client"):
+            client.verify("e" * 32, result, good.signoff_record)
 
 
 async def test_manual_signoff_approve_and_reject(node, plan_factory):
