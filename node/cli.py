@@ -153,11 +153,13 @@ def init(ctx: click.Context, as_json: bool) -> None:
 @click.option("--worker-memory-mb", type=click.IntRange(256, 1 << 20), default=4096, show_default=True,
               help="Memory limit of one Worker, MiB.")
 @click.option("--worker-threads", type=click.IntRange(1, 256), default=None, help="torch threads per Worker.")
+@click.option("--max-queued-per-peer", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Jobs one scientist may have waiting; more are refused with 'busy'.")
 @click.option("--max-attempts", type=click.IntRange(1, 10), default=2, show_default=True,
               help="Runs of one job, counting re-runs after the daemon was killed mid-job; then it is failed.")
 @click.pass_context
 def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs: int, worker_timeout: float,
-        worker_memory_mb: int, worker_threads: int | None, max_attempts: int) -> None:
+        worker_memory_mb: int, worker_threads: int | None, max_queued_per_peer: int, max_attempts: int) -> None:
     """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it)."""
     import trio
 
@@ -170,7 +172,7 @@ def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs
     config = DaemonConfig(listen=list(listen) or ["/ip4/127.0.0.1/tcp/0"], warm_workers=warm_workers,
                           max_concurrent_jobs=max_jobs, worker_wall_s=worker_timeout,
                           worker_memory_mb=worker_memory_mb, worker_threads=worker_threads,
-                          max_attempts=max_attempts)
+                          max_attempts=max_attempts, max_queued_per_peer=max_queued_per_peer)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -238,8 +240,9 @@ def dataset() -> None:
 @click.option("--labels-key", default=None, help="NPZ: array of labels (default: labels, y, Y, target).")
 @click.option("--tag", "tags", multiple=True, help="A search tag, repeatable (e.g. --tag digits --tag images).")
 @click.option("--description", default="", help="What the data is, for scientists.")
-@click.option("--signoff", type=click.Choice(["auto", "manual"]), default="auto", show_default=True,
-              help="auto: the node signs off results itself; manual: each waits for `hivecell jobs approve`.")
+@click.option("--signoff", type=click.Choice(["auto", "manual"]), default="manual", show_default=True,
+              help="manual: each result waits for `hivecell jobs approve`; auto: the node signs off results itself "
+                   "(until the privacy budget exists, auto releases trained weights with no formal privacy bound).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def dataset_add(ctx: click.Context, name: str, file: Path, label_column: str, features_key: str | None,

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record
@@ -25,7 +29,7 @@ from . import job as jobsm
 from .dataset import DatasetError, check_name, make_advert
 from .home import Home
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
-from .release import complete_job
+from .release import complete_job, plan_blobs
 from .store import Store, StoreError, sha256_hex
 from .wire import (
     DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
@@ -245,17 +249,18 @@ class Daemon:
                          program=program, weights=weights, recipe=job["recipe"])
         try:
             result = await self.pool.run_job(work, limits=limits, on_progress=on_progress)
-        except trio.Cancelled:
-            # The daemon is stopping (SIGTERM): the job goes back to the queue without using up an attempt; only a
-            # crash (kill -9, power cut) counts against max_attempts.
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.store.update_job, job_id, lambda j: jobsm.requeue(j))
-                logger.info("job %s re-queued: the daemon is stopping", job_id)
-            raise
         except WorkerFailed as exc:
             logger.info("job %s failed: %s (%s)", job_id, exc.code, exc.reason)
             await self._fail(job_id, f"{exc.code}: {exc.reason}")
             return
+        except BaseException as exc:
+            if _is_cancellation(exc):
+                # The daemon is stopping (SIGTERM): the job goes back to the queue without using up an attempt;
+                # only a crash (kill -9, power cut) counts against max_attempts.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.store.update_job, job_id, lambda j: jobsm.requeue(j))
+                logger.info("job %s re-queued: the daemon is stopping", job_id)
+            raise
         timings = dict(result.timings, finished=time.time())
         record = await trio.to_thread.run_sync(
             lambda: complete_job(self.store, self.identity, job_id, weights=result.weights, metrics=result.metrics,
@@ -268,7 +273,14 @@ class Daemon:
                 return job
             return jobsm.transition(job, jobsm.JobState.FAILED, reason=reason[:500])
 
-        await trio.to_thread.run_sync(self.store.update_job, job_id, change)
+        await trio.to_thread.run_sync(lambda: self.store.update_job(job_id, change, drop=plan_blobs))
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """``Cancelled``, or an exception group (nurseries wrap) that holds nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:

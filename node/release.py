@@ -17,7 +17,7 @@ from hivecell.crypto.signoff import SignOff, sign_signoff
 from .job import JobState, transition
 from .store import Store, sha256_hex
 
-__all__ = ["complete_job", "approve_job", "reject_job", "encode_result"]
+__all__ = ["complete_job", "approve_job", "reject_job", "encode_result", "plan_blobs"]
 
 # No differential privacy yet (it comes with the privacy-budget work): the honest epsilon of a plain training run is
 # infinity -- the sign-off says the owner released a result with no formal privacy bound.
@@ -52,7 +52,12 @@ def complete_job(store: Store, identity: Identity, job_id: str, *, weights: byte
             return transition(job, JobState.RELEASED, signoff=signoff, decision="auto")
         return transition(job, JobState.AWAITING_SIGNOFF, reason="waiting for the data owner's sign-off")
 
-    return store.update_job(job_id, change, blobs=[result])
+    return store.update_job(job_id, change, blobs=[result], drop=plan_blobs)
+
+
+def plan_blobs(job: dict[str, Any]) -> list[str]:
+    """The blobs a job needs only until it has run (its plan); the plan hash and the signed request stay."""
+    return [job.get("program_key", ""), job.get("weights_key", "")]
 
 
 def approve_job(store: Store, identity: Identity, job_id: str) -> dict[str, Any]:
@@ -74,9 +79,7 @@ def reject_job(store: Store, job_id: str, reason: str = "") -> dict[str, Any]:
     Raises:
         StoreError: no such job. InvalidTransition: the job is not awaiting sign-off.
     """
-    job = store.update_job(job_id, lambda j: transition(j, JobState.WITHHELD, reason=reason or "withheld by the owner"))
-    if job.get("result_hash"):
-        store.delete_blob(job["result_hash"], unless_used_by_other_than=job_id)
-    return job
+    return store.update_job(job_id, lambda j: transition(j, JobState.WITHHELD, reason=reason or "withheld by the owner"),
+                            drop=lambda j: [j.get("result_hash", "")])  # one transaction: no orphan after a crash
 
 

@@ -105,17 +105,23 @@ class Store:
         the blob was deleted.
         """
         with self._env.begin(write=True) as txn:
-            if unless_used_by_other_than is not None:
-                for _, raw in txn.cursor(db=self._db["jobs"]):
-                    job = _unpack(raw)
-                    if job["id"] != unless_used_by_other_than and key in (
-                        job.get("result_hash"), job.get("program_key"), job.get("weights_key")
-                    ) and not (job.get("state") == "withheld" and job.get("result_hash") == key):
-                        return False
-                for _, raw in txn.cursor(db=self._db["datasets"]):
-                    if _unpack(raw).get("data_key") == key:
-                        return False
-            return txn.delete(key.encode(), db=self._db["blobs"])
+            return self._delete_unshared(txn, key, unless_used_by_other_than)
+
+    def _delete_unshared(self, txn: lmdb.Transaction, key: str, owner: str | None) -> bool:
+        if owner is not None:
+            for _, raw in txn.cursor(db=self._db["jobs"]):
+                job = _unpack(raw)
+                if job["id"] == owner:
+                    continue
+                if job.get("result_hash") == key and job.get("state") != "withheld":
+                    return False
+                if key in (job.get("program_key"), job.get("weights_key")) and job.get("state") in (
+                        "queued", "running"):
+                    return False
+            for _, raw in txn.cursor(db=self._db["datasets"]):
+                if _unpack(raw).get("data_key") == key:
+                    return False
+        return txn.delete(key.encode(), db=self._db["blobs"])
 
     # -- datasets --------------------------------------------------------------------------------------------------
     def add_dataset(self, record: dict[str, Any], data: bytes) -> None:
@@ -185,11 +191,14 @@ class Store:
         return sorted(jobs, key=lambda j: j.get("created", 0))
 
     def update_job(
-        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = ()  # type: ignore[assignment]
+        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = (),  # type: ignore[assignment]
+        *, drop: Callable[[dict[str, Any]], list[str]] | None = None,
     ) -> dict[str, Any]:
         """Apply ``change`` to a job record atomically (read, change, write in one transaction) and return the new one.
 
-        ``change`` may raise to abort; nothing is written then. ``blobs`` are stored in the same transaction.
+        ``change`` may raise to abort; nothing is written then. ``blobs`` are stored in the same transaction, and the
+        blobs named by ``drop(new_record)`` are deleted in it unless another job (still needing them) or a dataset
+        refers to them.
 
         Raises:
             StoreError: no such job.
@@ -202,6 +211,9 @@ class Store:
             for data in blobs:
                 txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
             txn.put(job_id.encode(), _pack(record), db=self._db["jobs"])
+            for key in drop(record) if drop else ():
+                if key:
+                    self._delete_unshared(txn, key, job_id)
         return record
 
     def claim_next_job(

@@ -106,3 +106,38 @@ async def test_kill_9_while_a_job_runs(home, plan_factory, max_attempts, final):
             assert store.get_job(job_id)["attempts"] == max_attempts
     finally:
         daemon.stop()
+
+
+async def test_clean_stop_requeues_without_using_an_attempt(home, plan_factory):
+    daemon = start_daemon(home.path, "--warm-workers", "0")
+    try:
+        async with Client.connect(daemon.address) as client:
+            job_id = await client.submit("digits", plan_factory(epochs=200))
+            await _wait_state(client, job_id, {"running"})
+        daemon.stop()  # SIGTERM, as systemd or docker stop send it
+        assert daemon.process.returncode == 0, daemon.log_tail()
+        with Store.open(home.store_path) as store:
+            job = store.get_job(job_id)
+        assert job["state"] == "queued" and job["attempts"] == 0 and "stopped" in job["reason"]
+    finally:
+        daemon.stop()
+
+
+async def test_a_scientist_cannot_flood_the_queue(home, plan_factory):
+    from hivecell.mesh.host import RemoteError
+    from hivecell.mesh.message import ErrorCode
+
+    daemon = start_daemon(home.path, "--warm-workers", "0", "--max-queued-per-peer", "2", "--worker-timeout", "60")
+    plan = plan_factory(epochs=500)
+    try:
+        async with Client.connect(daemon.address) as client, Client.connect(daemon.address) as other:
+            outcomes = []
+            for _ in range(5):
+                try:
+                    outcomes.append(await client.submit("digits", plan))
+                except RemoteError as exc:
+                    outcomes.append(exc.code)
+            assert outcomes.count(ErrorCode.BUSY) >= 2 and len(set(outcomes) - {ErrorCode.BUSY}) >= 2
+            assert len(await other.submit("digits", plan)) == 32  # another scientist is not starved
+    finally:
+        daemon.stop()

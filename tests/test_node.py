@@ -21,6 +21,7 @@ from hivecell.mesh.host import RemoteError
 from hivecell.mesh.message import ErrorCode
 from hivecell.node.client import Client, JobFailed, ResultRejected
 from hivecell.node.release import encode_result
+from hivecell.node.store import Store
 from hivecell.node.wire import DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, JobAccepted, SubmitJob
 
 from conftest import CANARY, home_of
@@ -196,11 +197,15 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
     async with Client.connect(node.address) as client:
         await client.datasets()
         approved = await client.submit("digits-manual", plan)
-        rejected = await client.submit("digits-manual", plan)
+        rejected = await client.submit("digits-manual", plan_factory(epochs=2, seed=1))  # another result
         for job_id in (approved, rejected):
+            seen = []
             with trio.fail_after(300):
                 while (await client.status(job_id, wait_s=5)).state != "awaiting_signoff":
-                    pass
+                    seen.append(await client.status(job_id))
+            # until the owner signs off, the scientist learns how far the job is, not the loss on private data
+            assert any(s.progress.get("epoch") for s in seen) or not seen
+            assert not any("loss" in s.progress for s in seen)
             with pytest.raises(RemoteError) as err:
                 await client.result(job_id)
             assert err.value.code == ErrorCode.NOT_READY
@@ -217,6 +222,10 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
         with pytest.raises(RemoteError) as err:
             await client.result(rejected)
         assert err.value.code == ErrorCode.WITHHELD
+    with Store.open(home.store_path) as store:  # a withheld result is deleted; the plan of a finished job too
+        job = store.get_job(rejected)
+        assert store.get_blob(job["result_hash"]) is None and store.get_blob(job["program_key"]) is None
+        assert store.get_blob(store.get_job(approved)["result_hash"]) is not None
 
 
 async def test_another_scientist_cannot_see_my_job(node, plan_factory):
