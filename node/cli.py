@@ -20,6 +20,10 @@ import click
 if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
 
+from .config import (
+    OPTIONS, ConfigError, ConfigParserMissing, Setting, Source, config_path, daemon_kwargs, example_config, load_file,
+    resolve, validate_multiaddr,
+)
 from .home import Home, default_home
 
 __all__ = ["main", "ExitCode"]
@@ -81,6 +85,10 @@ class _Cli(click.Group):
 
         try:
             return super().invoke(ctx)
+        except ConfigParserMissing as exc:
+            raise CliError(str(exc), ExitCode.FAILURE) from exc
+        except ConfigError as exc:
+            raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
         except IdentityError as exc:
             raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
         except StoreError as exc:
@@ -129,38 +137,93 @@ def _store(ctx: click.Context):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def init(ctx: click.Context, as_json: bool) -> None:
-    """Create the node home: an Ed25519 node key (mode 0600) and an empty store. Safe to run twice."""
+    """Create the node home: an Ed25519 node key (mode 0600), an empty store and, if there is none, an example
+    config.toml with every option commented out. Safe to run twice."""
     home = _home(ctx)
     identity, created = home.init()
     _store(ctx).close()
+    config_file = config_path(home.path)
+    try:  # "x": never overwrite an operator's file, even one written between a check and the write
+        with open(config_file, "x", encoding="utf-8") as f:
+            f.write(example_config())
+        config_created = True
+    except FileExistsError:
+        config_created = False
     if as_json:
-        emit_json({"home": str(home.path), "peer_id": identity.peer_id, "created": created})
+        emit_json({"home": str(home.path), "peer_id": identity.peer_id, "created": created,
+                   "config": str(config_file), "config_created": config_created})
     else:
         click.echo(f"{'created' if created else 'already initialised'}: {home.path}")
         click.echo(f"peer id: {identity.peer_id}")
+        if config_created:
+            click.echo(f"example config (all commented out): {config_file}")
+
+
+class _Multiaddr(click.ParamType):
+    """A multiaddr string; in an environment variable, several are separated by commas."""
+
+    name = "multiaddr"
+    envvar_list_splitter = ","
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [part.strip() for part in (rv or "").split(",") if part.strip()]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return validate_multiaddr(str(value).strip())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _daemon_options(command: Any) -> Any:
+    """The daemon's options (config.OPTIONS) as flags, each with its environment variable.
+
+    The flags default to ``None`` so that the config file can fill what neither a flag nor the environment set; the
+    help text states the built-in default.
+    """
+    for option in reversed(OPTIONS):
+        kwargs: dict[str, Any] = {"envvar": option.envvar, "show_envvar": True, "default": None}
+        if option.kind is list:
+            kwargs.update(multiple=True, type=_Multiaddr(), metavar="MULTIADDR",
+                          help=option.help + " In the environment: comma-separated.")
+        else:
+            range_type = click.IntRange if option.kind is int else click.FloatRange
+            default = "" if option.default is None else f" Default: {option.default}."
+            kwargs.update(type=range_type(option.lo, option.hi), help=option.help + default)
+        command = click.option(option.flag, option.key, **kwargs)(command)
+    return command
+
+
+def _effective(ctx: click.Context, params: dict[str, Any], *,
+               file_values: dict[str, Any] | None = None) -> list[Setting]:
+    """The effective daemon settings: flags and environment variables (as click saw them) over the config file.
+
+    Raises:
+        ConfigError: the config file cannot be used (when ``file_values`` is not given).
+    """
+    from click.core import ParameterSource
+
+    given = {}
+    for option in OPTIONS:
+        source = ctx.get_parameter_source(option.key)
+        value = params[option.key]
+        # An empty HIVECELL_LISTEN (or one of only commas) sets nothing, as click treats an empty variable.
+        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) and value not in (None, ()):
+            given[option.key] = (value, Source.FLAG if source is ParameterSource.COMMANDLINE else Source.ENV)
+    if file_values is None:
+        file_values = load_file(config_path(_home(ctx).path))
+    return resolve(given, file_values)
 
 
 @cli.command()
-@click.option("--listen", multiple=True, metavar="MULTIADDR",
-              help="Listen address, repeatable. Default /ip4/127.0.0.1/tcp/0 (loopback, any free port); "
-                   "use /ip4/0.0.0.0/tcp/4001 to serve a LAN.")
-@click.option("--warm-workers", type=click.IntRange(0, 8), default=1, show_default=True,
-              help="Worker interpreters kept started (torch imported) so a job does not wait for one. "
-                   "Each serves one job and exits.")
-@click.option("--max-jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs run at once.")
-@click.option("--worker-timeout", type=click.FloatRange(1, 7 * 24 * 3600), default=3600.0, show_default=True,
-              help="Wall-time limit of one job, seconds; the Worker is killed after it.")
-@click.option("--worker-memory-mb", type=click.IntRange(256, 1 << 20), default=4096, show_default=True,
-              help="Memory limit of one Worker, MiB.")
-@click.option("--worker-threads", type=click.IntRange(1, 256), default=None, help="torch threads per Worker.")
-@click.option("--max-queued-per-peer", type=click.IntRange(1, 10_000), default=16, show_default=True,
-              help="Jobs one scientist may have waiting; more are refused with 'busy'.")
-@click.option("--max-attempts", type=click.IntRange(1, 10), default=2, show_default=True,
-              help="Runs of one job, counting re-runs after the daemon was killed mid-job; then it is failed.")
+@_daemon_options
 @click.pass_context
-def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs: int, worker_timeout: float,
-        worker_memory_mb: int, worker_threads: int | None, max_queued_per_peer: int, max_attempts: int) -> None:
-    """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it)."""
+def run(ctx: click.Context, **params: Any) -> None:
+    """Run the node daemon in the foreground (Ctrl-C or SIGTERM stops it).
+
+    Each option is taken from its flag, else its environment variable, else $HIVECELL_HOME/config.toml, else its
+    default; `hivecell config show` prints the result.
+    """
     import trio
 
     from .daemon import DaemonConfig, serve_daemon
@@ -169,10 +232,10 @@ def run(ctx: click.Context, listen: tuple[str, ...], warm_workers: int, max_jobs
     from .home import DaemonRunning
 
     home = _home(ctx)
-    config = DaemonConfig(listen=list(listen) or ["/ip4/127.0.0.1/tcp/0"], warm_workers=warm_workers,
-                          max_concurrent_jobs=max_jobs, worker_wall_s=worker_timeout,
-                          worker_memory_mb=worker_memory_mb, worker_threads=worker_threads,
-                          max_attempts=max_attempts, max_queued_per_peer=max_queued_per_peer)
+    settings = _effective(ctx, params)
+    config = DaemonConfig(**daemon_kwargs(settings))
+    logging.getLogger(__name__).info(
+        "config: %s", ", ".join(f"{s.option.key}={s.value!r} ({s.source.value})" for s in settings))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -224,6 +287,70 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if not as_json:
             click.echo("not running")
         ctx.exit(ExitCode.NOT_RUNNING)
+
+
+# -- config / doctor ----------------------------------------------------------------------------------------------
+@cli.group()
+def config() -> None:
+    """The daemon's configuration: $HIVECELL_HOME/config.toml, HIVECELL_* environment variables and `run` flags."""
+
+
+@config.command("show")
+@_daemon_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool, **params: Any) -> None:
+    """Print the configuration `hivecell run` would use and where each value comes from (flag, env, file, default).
+
+    Takes the same options as `hivecell run`, to see what a command line would change.
+    """
+    path = config_path(_home(ctx).path)
+    settings = _effective(ctx, params)
+    if as_json:
+        emit_json({
+            "file": str(path), "file_exists": path.exists(),
+            "options": {s.option.key: {"value": s.value, "source": s.source.value, "flag": s.option.flag,
+                                       "env": s.option.envvar} for s in settings},
+        })
+        return
+    click.echo(f"config file: {path}{'' if path.exists() else ' (none)'}")
+    for s in settings:
+        value = "auto" if s.value is None else (",".join(s.value) if isinstance(s.value, tuple) else s.value)
+        click.echo(f"  {s.option.key:<20} {str(value):<32} {s.source.value:<8} ({s.option.flag}, ${s.option.envvar})")
+
+
+@cli.command()
+@_daemon_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of checks.")
+@click.option("--torch-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
+              help="Seconds to wait for `import torch` in the probe interpreter.")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool, torch_timeout: float, **params: Any) -> None:
+    """Check this box before it joins: Python and packages, torch and CUDA, config, key and home modes, free disk,
+    listen ports, network interfaces and the clock. Prints what to fix; exit 1 if any check fails.
+
+    Takes the same options as `hivecell run` and checks the listen addresses that `run` would use. Sends no network
+    traffic and does not import torch into this process (a fresh interpreter probes it, as the Worker would).
+    """
+    from .doctor import evaluate, exit_status, gather_facts, print_table
+
+    home = _home(ctx)
+    path = config_path(home.path)
+    try:
+        file_values = load_file(path)
+        error = None
+    except ConfigError as exc:  # a broken config is one failed check, not the end of the report
+        file_values, error = {}, str(exc)
+    settings = _effective(ctx, params, file_values=file_values)
+    listen = next(s.value for s in settings if s.option.key == "listen")
+    facts = gather_facts(home, listen=listen, config_path=path, config_error=error,
+                         config_keys=sorted(file_values), torch_timeout=torch_timeout)
+    checks = evaluate(facts)
+    if as_json:
+        emit_json([c.to_dict() for c in checks])
+    else:
+        print_table(checks)
+    ctx.exit(exit_status(checks))
 
 
 # -- datasets -----------------------------------------------------------------------------------------------------
