@@ -139,14 +139,20 @@ class Store:
             txn.put(key.encode(), data, db=self._db["blobs"], overwrite=False)
             txn.put(name.encode(), _pack(record), db=self._db["datasets"])
 
-    def get_dataset(self, name: str) -> dict[str, Any] | None:
-        with self._env.begin(db=self._db["datasets"]) as txn:
-            raw = txn.get(name.encode())
+    def _get(self, db: str, key: str) -> dict[str, Any] | None:
+        with self._env.begin(db=self._db[db]) as txn:
+            raw = txn.get(key.encode())
         return None if raw is None else _unpack(raw)
 
-    def list_datasets(self) -> list[dict[str, Any]]:
-        with self._env.begin(db=self._db["datasets"]) as txn:
+    def _all(self, db: str) -> list[dict[str, Any]]:
+        with self._env.begin(db=self._db[db]) as txn:
             return [_unpack(v) for _, v in txn.cursor()]
+
+    def get_dataset(self, name: str) -> dict[str, Any] | None:
+        return self._get("datasets", name)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return self._all("datasets")
 
     def remove_dataset(self, name: str) -> None:
         """Remove a dataset and its tensors.
@@ -181,14 +187,10 @@ class Store:
             txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        with self._env.begin(db=self._db["jobs"]) as txn:
-            raw = txn.get(job_id.encode())
-        return None if raw is None else _unpack(raw)
+        return self._get("jobs", job_id)
 
     def list_jobs(self) -> list[dict[str, Any]]:
-        with self._env.begin(db=self._db["jobs"]) as txn:
-            jobs = [_unpack(v) for _, v in txn.cursor()]
-        return sorted(jobs, key=lambda j: j.get("created", 0))
+        return sorted(self._all("jobs"), key=lambda j: j.get("created", 0))
 
     def update_job(
         self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = (),  # type: ignore[assignment]
