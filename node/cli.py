@@ -73,6 +73,8 @@ def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # py-libp2p logs routine stream closes at WARNING/ERROR; keep them out of the operator's way unless debugging.
     logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+    # dp-accounting warns (through absl) about RDP orders it skips; the epsilon it returns is still an upper bound.
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
 
 
 class _Cli(click.Group):
@@ -442,7 +444,7 @@ def jobs() -> None:
 
 def _job_view(job: dict[str, Any]) -> dict[str, Any]:
     keep = ("id", "state", "dataset", "scientist", "plan_hash", "recipe", "reason", "attempts", "created", "updated",
-            "progress", "timings", "metrics", "result_hash", "decision", "policy")
+            "progress", "timings", "metrics", "epsilon", "delta", "result_hash", "decision", "policy")
     return {k: job[k] for k in keep if k in job}
 
 

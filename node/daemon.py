@@ -9,6 +9,7 @@ typed message, and checked here in this order: signature, signer = connection pe
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -29,6 +30,7 @@ from . import job as jobsm
 from .dataset import DatasetError, check_name, make_advert
 from .home import Home
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
+from .privacy import dp_plan, train_samples
 from .release import complete_job, plan_blobs
 from .store import Store, StoreError, sha256_hex
 from .wire import (
@@ -150,8 +152,17 @@ class Daemon:
             raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
         if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
+        privacy = {"epsilon": math.inf, "delta": 0.0}
+        if normalized.get("dp"):
+            # Priced before anything runs, with the numbers the Worker will use (same train split, same sampling).
+            n_train = train_samples(dataset["schema"]["num_samples"], normalized["eval_fraction"])
+            try:
+                dp = await trio.to_thread.run_sync(dp_plan, normalized, n_train)
+            except PlanError as exc:
+                raise RemoteError(exc.code, exc.message) from None
+            privacy = {"epsilon": dp.epsilon, "delta": dp.delta}
         job = jobsm.new_job(
-            job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized,
+            job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized, **privacy,
             program_key=program_key, weights_key=weights_key, request=msg.request,
             policy=dataset["signoff"],
         )

@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # torch is imported lazily: the daemon imports this module an
 
 __all__ = [
     "ALLOWED_ATEN",
+    "DP_NOISE_RANGE",
+    "DpSpec",
     "Plan",
     "PlanError",
     "Recipe",
@@ -94,8 +96,34 @@ _OPTIMIZERS = ("sgd", "adam", "adamw")
 _METRICS = ("accuracy", "loss")
 _RECIPE_KEYS = frozenset(
     {"task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
-     "eval_fraction", "seed"}
+     "eval_fraction", "seed", "dp"}
 )
+_DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_grad_norm", "delta"})
+DP_NOISE_RANGE = (0.1, 100.0)  # noise multipliers a recipe may state, and noise_for_epsilon searches
+
+
+@dataclass(frozen=True)
+class DpSpec:
+    """A recipe's ``dp`` section: exactly one of ``noise_multiplier`` and ``target_epsilon`` is set.
+
+    ``max_grad_norm`` is the per-example L2 clip norm, ``delta`` the (epsilon, delta)-DP delta. How the Worker uses them
+    and what the accountant assumes is described in ``privacy.py``.
+    """
+
+    max_grad_norm: float
+    delta: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.noise_multiplier is not None:
+            out["noise_multiplier"] = self.noise_multiplier
+        if self.target_epsilon is not None:
+            out["target_epsilon"] = self.target_epsilon
+        out["max_grad_norm"] = self.max_grad_norm
+        out["delta"] = self.delta
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,9 +141,11 @@ class Recipe:
     metrics: tuple[str, ...] = ("accuracy", "loss")
     eval_fraction: float = 0.2
     seed: int = 0
+    dp: DpSpec | None = None  # None: no differential privacy
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The normalized recipe; ``dp`` appears only when set, so recipes without it hash as they always did."""
+        out = {
             "task": self.task,
             "loss": self.loss,
             "optimizer": self.optimizer,
@@ -128,6 +158,9 @@ class Recipe:
             "eval_fraction": self.eval_fraction,
             "seed": self.seed,
         }
+        if self.dp is not None:
+            out["dp"] = self.dp.to_dict()
+        return out
 
 
 def _bad_recipe(message: str) -> PlanError:
@@ -160,6 +193,34 @@ def _integer(recipe: Mapping[str, Any], key: str, default: int, lo: int, hi: int
     if not lo <= value <= hi:
         raise _bad_recipe(f"{key} must be between {lo} and {hi}")
     return value
+
+
+def _validate_dp(dp: object) -> DpSpec:
+    if not isinstance(dp, Mapping):
+        raise _bad_recipe("dp must be a map")
+    for key in dp:
+        if not isinstance(key, str) or key not in _DP_KEYS:
+            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "?"
+            raise _bad_recipe(f"unknown dp key {shown!r}")
+    if ("noise_multiplier" in dp) == ("target_epsilon" in dp):
+        raise _bad_recipe("dp needs exactly one of noise_multiplier and target_epsilon")
+    for key in ("max_grad_norm", "delta"):
+        if key not in dp:
+            raise _bad_recipe(f"dp.{key} is required")
+
+    def number(key: str, lo: float, hi: float, *, lo_open: bool) -> float:
+        try:
+            return _number(dp, key, 0.0, lo, hi, lo_open=lo_open)
+        except PlanError as exc:
+            raise _bad_recipe(f"dp.{exc.message}") from None
+
+    noise = target = None
+    if "noise_multiplier" in dp:
+        noise = number("noise_multiplier", *DP_NOISE_RANGE, lo_open=False)
+    else:
+        target = number("target_epsilon", 0.0, 100.0, lo_open=True)
+    return DpSpec(max_grad_norm=number("max_grad_norm", 0.0, 100.0, lo_open=True),
+                  delta=number("delta", 0.0, 1e-3, lo_open=True), noise_multiplier=noise, target_epsilon=target)
 
 
 def validate_recipe(recipe: object) -> Recipe:
@@ -197,9 +258,10 @@ def validate_recipe(recipe: object) -> Recipe:
         raise _bad_recipe("metric accuracy needs task classification")
     eval_fraction = _number(recipe, "eval_fraction", 0.2, 0.0, 0.9)
     seed = _integer(recipe, "seed", 0, 0, 2**31 - 1)
+    dp = _validate_dp(recipe["dp"]) if "dp" in recipe else None
     return Recipe(task=task, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                   epochs=epochs, batch_size=batch_size, metrics=tuple(m for m in _METRICS if m in metrics),
-                  eval_fraction=eval_fraction, seed=seed)
+                  eval_fraction=eval_fraction, seed=seed, dp=dp)
 
 
 # -- program audit (pure Python) --------------------------------------------------------------------------------------

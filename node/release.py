@@ -19,8 +19,8 @@ from .store import Store, sha256_hex
 
 __all__ = ["complete_job", "approve_job", "reject_job", "encode_result", "plan_blobs"]
 
-# No differential privacy yet (it comes with the privacy-budget work): the honest epsilon of a plain training run is
-# infinity -- the sign-off says the owner released a result with no formal privacy bound.
+# A job without differential privacy has no formal privacy bound: its honest epsilon is infinity. A DP-SGD job carries
+# the epsilon and delta the node computed before running it (privacy.dp_plan), and the sign-off states them.
 NO_DP_EPSILON = math.inf
 
 
@@ -32,7 +32,8 @@ def encode_result(weights: bytes, metrics: dict[str, Any]) -> bytes:
 def _signoff(identity: Identity, job: dict[str, Any], decision: str) -> bytes:
     return sign_signoff(identity, SignOff(
         job_id=job["id"], dataset=job["dataset"], scientist=job["scientist"], node=identity.peer_id,
-        plan_hash=job["plan_hash"], result_hash=job["result_hash"], epsilon=NO_DP_EPSILON, delta=0.0,
+        plan_hash=job["plan_hash"], result_hash=job["result_hash"], epsilon=job.get("epsilon", NO_DP_EPSILON),
+        delta=job.get("delta", 0.0),
         budget_left=None, decision=decision,
     ))
 

@@ -215,11 +215,11 @@ def _load_dataset(store_path: str, data_key: str, task: str) -> tuple[Any, Any]:
 def _split(n: int, eval_fraction: float, seed: int) -> tuple[Any, Any]:
     import torch
 
+    from hivecell.node.privacy import train_samples
+
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
-    n_eval = math.floor(n * eval_fraction)
-    if eval_fraction > 0:
-        n_eval = min(max(n_eval, 1), n - 1)
+    n_eval = n - train_samples(n, eval_fraction)  # the daemon prices DP jobs with the same count
     return order[n_eval:], order[:n_eval]
 
 
@@ -248,6 +248,132 @@ def _make_optimizer(recipe: Any, params: Any) -> Any:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def _run_sgd(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer: Any, x_train: Any,
+             y_train: Any) -> None:
+    """Non-private training: shuffled mini-batches (seeded by the recipe), one progress frame per epoch."""
+    import torch
+
+    shuffle = torch.Generator().manual_seed(recipe.seed + 1)
+    n_train = x_train.shape[0]
+    for epoch in range(1, recipe.epochs + 1):
+        epoch_start = time.monotonic()
+        order = torch.randperm(n_train, generator=shuffle)
+        total, seen = 0.0, 0
+        for start in range(0, n_train, recipe.batch_size):
+            batch = order[start : start + recipe.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(module(x_train[batch]), y_train[batch])
+            if not torch.isfinite(loss):
+                raise JobError("error", "training diverged (non-finite loss)")
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * batch.shape[0]
+            seen += batch.shape[0]
+        channel.send({"t": "progress", "epoch": epoch, "epochs": recipe.epochs, "loss": total / seen,
+                      "seconds": time.monotonic() - epoch_start})
+
+
+# -- DP-SGD -----------------------------------------------------------------------------------------------------------
+
+_DP_CHUNK = 256  # per-sample gradients are computed this many examples at a time (memory: chunk x model size)
+
+
+def _secret_generator() -> Any:
+    """A torch generator seeded from the operating system, for everything the privacy guarantee rests on.
+
+    The recipe's seed is chosen by the scientist, who is the adversary DP protects against: noise drawn from it could
+    be subtracted, and a batch drawn from it would tell which rows each step used (subsampling amplification needs the
+    sample to be secret). So DP sampling and noise come from 64 bits of ``os.urandom``; the recipe seed still fixes the
+    train/eval split, initial dropout masks and everything else. (torch's generator is a Mersenne Twister, not a
+    CSPRNG, and its Gaussian sampler has the floating-point caveats of Mironov 2012; both are common to Opacus too.)
+    """
+    import torch
+
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def _per_sample_grad_fn(module: Any, loss_fn: Any) -> Any:
+    """``f(params, x, y) -> (grads, losses)``: per-example gradients of ``loss_fn`` with ``torch.func`` (vmap of grad
+    of a ``functional_call`` on one example at a time). Buffers are passed as they are; ``_run_dp`` refuses programs
+    that have any, since batch statistics would mix examples."""
+    from torch.func import functional_call, grad, vmap
+
+    buffers = dict(module.named_buffers())
+
+    def one(params: dict[str, Any], x: Any, y: Any) -> tuple[Any, Any]:
+        loss = loss_fn(functional_call(module, (params, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+        return loss, loss.detach()
+
+    return vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+
+
+def clipped_grad_sum(module: Any, loss_fn: Any, x: Any, y: Any, max_grad_norm: float) -> tuple[dict[str, Any], Any]:
+    """Sum over the examples of ``(x, y)`` of each example's gradient clipped to L2 norm ``max_grad_norm``.
+
+    The norm is taken over all trainable parameters together (one flat vector per example), and each gradient is
+    scaled by ``min(1, C / (norm + 1e-6))`` as in Abadi et al. 2016 and Opacus. Returns ``({name: summed grad},
+    per-example losses)``; an empty batch gives zeros.
+    """
+    import torch
+
+    params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    losses = []
+    fn = _per_sample_grad_fn(module, loss_fn)
+    for start in range(0, x.shape[0], _DP_CHUNK):
+        grads, loss = fn(params, x[start : start + _DP_CHUNK], y[start : start + _DP_CHUNK])
+        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values()))
+        scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for name, g in grads.items():
+            total[name] += torch.einsum("b,b...->...", scale, g)
+        losses.append(loss)
+    return total, torch.cat(losses) if losses else torch.zeros(0)
+
+
+def _run_dp(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer: Any, x_train: Any,
+            y_train: Any) -> dict[str, Any]:
+    """DP-SGD exactly as ``privacy.py`` accounts for it; returns the metrics it adds (``epsilon``, ``delta``).
+
+    Each of ``steps`` steps: draw every training example with probability ``q`` (Poisson, secret generator), sum the
+    clipped per-example gradients, add ``N(0, (sigma * C)^2)`` per coordinate, divide by the expected batch size
+    ``q * n_train``, step the optimizer. An epoch is ``ceil(n_train / batch_size)`` steps, as without DP.
+    """
+    import torch
+
+    from hivecell.node.plan import PlanError
+    from hivecell.node.privacy import dp_plan
+
+    if any(True for _ in module.buffers()):
+        raise JobError("bad_plan", "dp needs a model without buffers (batch norm mixes examples; use group norm)")
+    n_train = int(x_train.shape[0])
+    try:
+        plan = dp_plan(recipe.to_dict(), n_train)
+    except PlanError as exc:
+        raise JobError("bad_plan", exc.message) from None
+    secret = _secret_generator()
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    std = plan.noise_multiplier * plan.clip_norm
+    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    assert steps_per_epoch * recipe.epochs == plan.steps  # the accountant priced exactly these steps
+    for epoch in range(1, recipe.epochs + 1):
+        epoch_start = time.monotonic()
+        total, seen = 0.0, 0
+        for _ in range(steps_per_epoch):
+            batch = (torch.rand(n_train, generator=secret) < plan.sample_rate).nonzero().squeeze(1)
+            summed, losses = clipped_grad_sum(module, loss_fn, x_train[batch], y_train[batch], plan.clip_norm)
+            if losses.numel() and not torch.isfinite(losses).all():
+                raise JobError("error", "training diverged (non-finite loss)")
+            for name, p in params.items():
+                noise = torch.normal(0.0, std, size=p.shape, generator=secret, dtype=p.dtype)
+                p.grad = (summed[name] + noise) / plan.expected_batch_size
+            optimizer.step()
+            total += float(losses.sum())
+            seen += int(losses.numel())
+        channel.send({"t": "progress", "epoch": epoch, "epochs": recipe.epochs, "loss": total / max(seen, 1),
+                      "seconds": time.monotonic() - epoch_start})
+    return {"epsilon": plan.epsilon, "delta": plan.delta}
 
 
 def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
@@ -299,25 +425,13 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     load_s = time.monotonic() - t0
 
     t1 = time.monotonic()
-    shuffle = torch.Generator().manual_seed(recipe.seed + 1)
     x_train, y_train = features[train_idx], labels[train_idx]
     n_train = x_train.shape[0]
-    for epoch in range(1, recipe.epochs + 1):
-        epoch_start = time.monotonic()
-        order = torch.randperm(n_train, generator=shuffle)
-        total, seen = 0.0, 0
-        for start in range(0, n_train, recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(module(x_train[batch]), y_train[batch])
-            if not torch.isfinite(loss):
-                raise JobError("error", "training diverged (non-finite loss)")
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * batch.shape[0]
-            seen += batch.shape[0]
-        channel.send({"t": "progress", "epoch": epoch, "epochs": recipe.epochs, "loss": total / seen,
-                      "seconds": time.monotonic() - epoch_start})
+    if recipe.dp is None:
+        _run_sgd(channel, recipe, module, loss_fn, optimizer, x_train, y_train)
+        dp_metrics: dict[str, Any] = {}
+    else:
+        dp_metrics = _run_dp(channel, recipe, module, loss_fn, optimizer, x_train, y_train)
     train_s = time.monotonic() - t1
 
     t2 = time.monotonic()
@@ -338,6 +452,7 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         metrics["accuracy"] = correct / idx.numel()
     if "loss" in recipe.metrics:
         metrics["loss"] = total_loss / idx.numel()
+    metrics.update(dp_metrics)
     eval_s = time.monotonic() - t2
 
     state = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
@@ -374,8 +489,10 @@ def main() -> NoReturn:
     import torch  # noqa: F401
     import torch._export.serde.serialize  # noqa: F401
     import torch.export._trace  # noqa: F401
+    import torch.func  # noqa: F401
 
     import hivecell.node.plan  # noqa: F401
+    import hivecell.node.privacy  # noqa: F401 - dp_accounting, for DP jobs
     import hivecell.node.store  # noqa: F401
 
     tempfile.gettempdir()

@@ -68,6 +68,7 @@ async def test_train_verify_and_use_the_model(node, plan_factory, digits):
 @pytest.mark.parametrize("case, code", [
     ("unknown_recipe_key", ErrorCode.BAD_RECIPE),
     ("negative_lr", ErrorCode.BAD_RECIPE),
+    ("negative_dp_noise", ErrorCode.BAD_RECIPE),
     ("unknown_dataset", ErrorCode.UNKNOWN_DATASET),
     ("expired", ErrorCode.EXPIRED),
     ("future", ErrorCode.EXPIRED),
@@ -95,6 +96,8 @@ async def test_bad_job_requests_are_refused_with_a_code(node, plan_factory, tmp_
             recipe = dict(plan.recipe, sneaky_python="import os")
         elif case == "negative_lr":
             recipe = dict(plan.recipe, lr=-1.0)
+        elif case == "negative_dp_noise":
+            recipe = dict(plan.recipe, dp={"noise_multiplier": -1.0, "max_grad_norm": 1.0, "delta": 1e-5})
         elif case == "unknown_dataset":
             kwargs["dataset"] = "no-such-data"
         elif case == "expired":
@@ -253,3 +256,16 @@ async def test_private_rows_never_leave_the_node(node, plan_factory):
     assert result.signoff_record in tap and len(tap) > 10_000  # the tap saw what the node sent
     for offset in range(0, len(canary) - 16, 16):
         assert canary[offset:offset + 16] not in tap
+
+
+async def test_dp_job_signs_off_the_epsilon_it_spent(node, plan_factory):
+    """A DP-SGD job is priced before it runs; the sign-off states that epsilon and delta, and the Worker agrees."""
+    import math
+
+    plan = plan_factory(epochs=2, dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5})
+    async with Client.connect(node.address) as client:
+        await client.datasets()
+        result = await client.train("digits", plan, timeout=300)
+    assert math.isfinite(result.signoff.epsilon) and 0 < result.signoff.epsilon < 10
+    assert result.signoff.delta == 1e-5
+    assert result.metrics["epsilon"] == pytest.approx(result.signoff.epsilon, rel=1e-9)
