@@ -63,9 +63,11 @@ class DaemonConfig:
 
 def _status(job: dict[str, Any]) -> JobStatus:
     progress = job.get("progress", {})
-    if job.get("policy") != "auto" and job["state"] != jobsm.JobState.RELEASED.value:
+    dp = math.isfinite(job.get("epsilon", math.inf))
+    if dp or (job.get("policy") != "auto" and job["state"] != jobsm.JobState.RELEASED.value):
         # The loss is computed by the scientist's model on private data: a value per epoch that the owner has not
-        # signed off. Where results wait for the owner, the scientist sees how far the job is, not what it learnt.
+        # signed off (until release), and that DP-SGD's noise never covers. So the scientist sees how far the job is,
+        # not what it learnt, while the result waits for the owner, and always for a job that promises an epsilon.
         progress = {k: v for k, v in progress.items() if k in ("epoch", "epochs", "seconds")}
     return JobStatus(job_id=job["id"], state=job["state"], seq=job["seq"], reason=job.get("reason", ""),
                      progress=progress, timings=job.get("timings", {}))

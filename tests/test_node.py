@@ -263,9 +263,11 @@ async def test_dp_job_signs_off_the_epsilon_it_spent(node, plan_factory):
     import math
 
     plan = plan_factory(epochs=2, dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5})
+    seen = []
     async with Client.connect(node.address) as client:
         await client.datasets()
-        result = await client.train("digits", plan, timeout=300)
+        result = await client.train("digits", plan, on_progress=seen.append, timeout=300)
+    assert not any("loss" in s.progress for s in seen)  # DP noise does not cover the training loss
     assert math.isfinite(result.signoff.epsilon) and 0 < result.signoff.epsilon < 10
     assert result.signoff.delta == 1e-5
     assert result.metrics["epsilon"] == pytest.approx(result.signoff.epsilon, rel=1e-9)
