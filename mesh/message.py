@@ -47,6 +47,7 @@ class ErrorCode:
     WITHHELD = "withheld"
     JOB_FAILED = "job_failed"
     BUSY = "busy"
+    BUDGET_EXCEEDED = "budget_exceeded"
     INTERNAL = "internal"
 
 

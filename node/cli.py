@@ -372,10 +372,13 @@ def dataset() -> None:
 @click.option("--signoff", type=click.Choice(["auto", "manual"]), default="manual", show_default=True,
               help="manual: each result waits for `hivecell jobs approve`; auto: the node signs off results itself "
                    "(until the privacy budget exists, auto releases trained weights with no formal privacy bound).")
+@click.option("--budget", "budget_eps", type=click.FloatRange(0, 1e6), default=None,
+              help="Total epsilon for this dataset (DP jobs only); see `hivecell budget`.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def dataset_add(ctx: click.Context, name: str, file: Path, label_column: str, features_key: str | None,
-                labels_key: str | None, tags: tuple[str, ...], description: str, signoff: str, as_json: bool) -> None:
+                labels_key: str | None, tags: tuple[str, ...], description: str, signoff: str,
+                budget_eps: float | None, as_json: bool) -> None:
     """Register FILE (.npz with features + labels, or .csv with a header) as dataset NAME."""
     from .dataset import DatasetError, encode_tensors, load_file, make_record, summary
     from .store import StoreError
@@ -392,6 +395,8 @@ def dataset_add(ctx: click.Context, name: str, file: Path, label_column: str, fe
             store.add_dataset(record, encode_tensors(x, y))
         except StoreError as exc:
             raise CliError(str(exc), ExitCode.CONFLICT) from exc
+        if budget_eps is not None:
+            _set_budget(ctx, store, name, budget_eps, allow_non_dp=False)
     if as_json:
         emit_json(summary(record))
     else:
@@ -434,6 +439,90 @@ def dataset_remove(ctx: click.Context, name: str) -> None:
         except StoreError as exc:
             raise CliError(str(exc), ExitCode.NOT_FOUND) from exc
     click.echo(f"removed {name}")
+
+
+# -- privacy budget -----------------------------------------------------------------------------------------------
+@cli.group()
+def budget() -> None:
+    """Set, show and verify the epsilon budgets of this node's datasets (the signed, hash-chained ledger)."""
+
+
+def _set_budget(ctx: click.Context, store: Any, dataset_name: str, epsilon: float, allow_non_dp: bool) -> Any:
+    from .ledger import LedgerError
+
+    if store.get_dataset(dataset_name) is None:
+        raise CliError(f"no dataset named {dataset_name!r}", ExitCode.NOT_FOUND)
+    try:
+        return store.append_ledger(_home(ctx).identity(), [
+            {"kind": "budget", "dataset": dataset_name, "epsilon": float(epsilon), "allow_non_dp": allow_non_dp}])
+    except LedgerError as exc:
+        raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+
+
+@budget.command("set")
+@click.argument("dataset_name", metavar="DATASET")
+@click.argument("epsilon", type=click.FloatRange(0, 1e6))
+@click.option("--allow-non-dp", is_flag=True,
+              help="Also accept jobs without differential privacy (their results have no privacy bound).")
+@click.pass_context
+def budget_set(ctx: click.Context, dataset_name: str, epsilon: float, allow_non_dp: bool) -> None:
+    """Set DATASET's total epsilon. Jobs whose epsilon does not fit what is left are refused before they run."""
+    with _store(ctx) as store:
+        state = _set_budget(ctx, store, dataset_name, epsilon, allow_non_dp)
+    b = state.budget(dataset_name)
+    click.echo(f"{dataset_name}: budget {b.total:g}, spent {b.spent:.4g}, reserved {b.reserved:.4g}, "
+               f"left {b.left:.4g}" + (", jobs without DP allowed" if b.allow_non_dp else ", DP jobs only"))
+
+
+@budget.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def budget_show(ctx: click.Context, as_json: bool) -> None:
+    """Budgets, spent, reserved and left per dataset."""
+    with _store(ctx) as store:
+        state = store.ledger_state()
+        names = sorted({d["name"] for d in store.list_datasets()} | set(state.datasets))
+    rows = {name: state.budget(name).to_dict() for name in names}
+    if as_json:
+        emit_json({"entries": state.seq, "head": state.head, "datasets": rows})
+        return
+    for name, b in rows.items():
+        total = "none (no limit)" if b["total"] is None else f"{b['total']:g}"
+        left = "-" if b["left"] is None else f"{b['left']:.4g}"
+        click.echo(f"{name:<24} budget {total:<16} spent {b['spent']:<10.4g} reserved {b['reserved']:<10.4g} "
+                   f"left {left}")
+    click.echo(f"ledger: {state.seq} entries, head {state.head[:16]}…")
+
+
+@budget.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def budget_verify(ctx: click.Context, as_json: bool) -> None:
+    """Check the whole ledger: signatures, hash links, sequence and rules. Exit 8 at the first bad entry."""
+    from .ledger import ChainBroken, verify_chain
+
+    with _store(ctx) as store:
+        entries = store.ledger_entries()
+        cached = store.ledger_state()
+    try:
+        state = verify_chain(entries, signer=_home(ctx).identity().peer_id)
+    except ChainBroken as exc:
+        if as_json:
+            emit_json({"ok": False, "entries": len(entries), "first_bad": exc.index, "reason": exc.reason})
+        else:
+            click.echo(f"ledger BROKEN at entry {exc.index} of {len(entries)}: {exc.reason}", err=True)
+        ctx.exit(ExitCode.UNVERIFIED)
+    if (state.seq, state.head) != (cached.seq, cached.head):
+        msg = "the chain verifies but does not end where the store's state says (entries removed at the end?)"
+        if as_json:
+            emit_json({"ok": False, "entries": len(entries), "first_bad": len(entries), "reason": msg})
+        else:
+            click.echo(f"ledger BROKEN: {msg}", err=True)
+        ctx.exit(ExitCode.UNVERIFIED)
+    if as_json:
+        emit_json({"ok": True, "entries": len(entries), "head": state.head})
+    else:
+        click.echo(f"ledger ok: {len(entries)} entries, head {state.head[:16]}…")
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------------
@@ -518,7 +607,7 @@ def jobs_reject(ctx: click.Context, job_id: str, reason: str) -> None:
     with _store(ctx) as store:
         _get_job(store, job_id)
         try:
-            reject_job(store, job_id, reason)
+            reject_job(store, _home(ctx).identity(), job_id, reason)
         except InvalidTransition as exc:
             raise CliError(str(exc), ExitCode.CONFLICT) from exc
     click.echo(f"withheld {job_id}")

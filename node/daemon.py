@@ -31,7 +31,8 @@ from .dataset import DatasetError, check_name, make_advert
 from .home import Home
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
 from .privacy import dp_plan, train_samples
-from .release import complete_job, plan_blobs
+from .ledger import LedgerError
+from .release import complete_job, fail_entry, plan_blobs, reserve_entry
 from .store import Store, StoreError, sha256_hex
 from .wire import (
     DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
@@ -170,9 +171,13 @@ class Daemon:
         )
         job["timings"] = {"received": job["created"]}
         try:
-            await trio.to_thread.run_sync(self.store.create_job, job, [msg.program, msg.weights])
+            await trio.to_thread.run_sync(lambda: self.store.create_job(
+                job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry)))
         except StoreError:
             raise RemoteError(ErrorCode.REPLAY, "a job with this id exists") from None
+        except LedgerError as exc:  # the reservation does not fit the dataset's budget: nothing was stored
+            logger.info("job %s from %s refused: %s", job_id, short(peer), exc)
+            raise RemoteError(ErrorCode.BUDGET_EXCEEDED, str(exc)) from None
         logger.info("job %s queued: dataset %s, scientist %s", job_id, dataset_name, short(peer))
         self._work.set()
         self._notify()
@@ -286,7 +291,8 @@ class Daemon:
                 return job
             return jobsm.transition(job, jobsm.JobState.FAILED, reason=reason[:500])
 
-        await trio.to_thread.run_sync(lambda: self.store.update_job(job_id, change, drop=plan_blobs))
+        await trio.to_thread.run_sync(lambda: self.store.update_job(
+            job_id, change, drop=plan_blobs, ledger=(self.identity, fail_entry)))
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -296,12 +302,14 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-def recover_jobs(store: Store, *, max_attempts: int) -> list[dict[str, Any]]:
-    """Apply the restart rule (see job.py) to every job left ``running`` by a previous daemon."""
+def recover_jobs(store: Store, identity: Identity, *, max_attempts: int) -> list[dict[str, Any]]:
+    """Apply the restart rule (see job.py) to every job left ``running`` by a previous daemon; a job failed by it
+    gets its reservation refunded in the same transaction (a re-queued one keeps it, and settles it once it runs)."""
     changed = []
     for job in store.list_jobs():
         if job["state"] == jobsm.JobState.RUNNING.value:
-            changed.append(store.update_job(job["id"], lambda j: jobsm.recover(j, max_attempts=max_attempts)))
+            changed.append(store.update_job(job["id"], lambda j: jobsm.recover(j, max_attempts=max_attempts),
+                                            ledger=(identity, fail_entry)))
     return changed
 
 
@@ -316,7 +324,7 @@ async def serve_daemon(home: Home, config: DaemonConfig, *, task_status=trio.TAS
 async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *, task_status) -> None:
     store = Store.open(home.store_path)
     try:
-        for job in recover_jobs(store, max_attempts=config.max_attempts):
+        for job in recover_jobs(store, identity, max_attempts=config.max_attempts):
             logger.warning("job %s was interrupted by a restart: now %s", job["id"], job["state"])
         async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host:
             daemon = Daemon(identity=identity, store=store, pool=pool, config=config)

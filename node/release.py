@@ -17,7 +17,7 @@ from hivecell.crypto.signoff import SignOff, sign_signoff
 from .job import JobState, transition
 from .store import Store, sha256_hex
 
-__all__ = ["complete_job", "approve_job", "reject_job", "encode_result", "plan_blobs"]
+__all__ = ["complete_job", "approve_job", "reject_job", "encode_result", "plan_blobs", "reserve_entry", "fail_entry"]
 
 # A job without differential privacy has no formal privacy bound: its honest epsilon is infinity. A DP-SGD job carries
 # the epsilon and delta the node computed before running it (privacy.dp_plan), and the sign-off states them.
@@ -29,13 +29,29 @@ def encode_result(weights: bytes, metrics: dict[str, Any]) -> bytes:
     return canonical_packb({"weights": weights, "metrics": metrics})
 
 
-def _signoff(identity: Identity, job: dict[str, Any], decision: str) -> bytes:
+def _signoff(identity: Identity, job: dict[str, Any], decision: str, budget_left: float | None) -> bytes:
     return sign_signoff(identity, SignOff(
         job_id=job["id"], dataset=job["dataset"], scientist=job["scientist"], node=identity.peer_id,
         plan_hash=job["plan_hash"], result_hash=job["result_hash"], epsilon=job.get("epsilon", NO_DP_EPSILON),
-        delta=job.get("delta", 0.0),
-        budget_left=None, decision=decision,
+        delta=job.get("delta", 0.0), budget_left=budget_left, decision=decision,
     ))
+
+
+def _ledger(identity: Identity, kind: str) -> Any:
+    """The ledger entry that closes a job's reservation, written in the job's own transaction."""
+    return identity, lambda job: [{"kind": kind, "dataset": job["dataset"], "job_id": job["id"]}]
+
+
+def reserve_entry(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"kind": "reserve", "dataset": job["dataset"], "job_id": job["id"], "scientist": job["scientist"],
+             "epsilon": job.get("epsilon", NO_DP_EPSILON), "delta": job.get("delta", 0.0)}]
+
+
+def fail_entry(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job that ended ``failed`` gives its reservation back; one that did not change writes nothing."""
+    if job["state"] != JobState.FAILED.value:
+        return []
+    return [{"kind": "refund", "dataset": job["dataset"], "job_id": job["id"]}]
 
 
 def complete_job(store: Store, identity: Identity, job_id: str, *, weights: bytes, metrics: dict[str, Any],
@@ -44,16 +60,22 @@ def complete_job(store: Store, identity: Identity, job_id: str, *, weights: byte
     result = encode_result(weights, metrics)
     result_hash = sha256_hex(result)
 
+    left = None
+
     def change(job: dict[str, Any]) -> dict[str, Any]:
+        nonlocal left
         job = dict(job, result_hash=result_hash, metrics=metrics, timings=dict(job.get("timings", {}), **timings))
         if policy == "auto":
             t0 = time.perf_counter()
-            signoff = _signoff(identity, job, "auto")
+            left = store.ledger_state().budget(job["dataset"]).left  # this job's epsilon is already reserved
+            signoff = _signoff(identity, job, "auto", left)
             job["timings"]["signoff_s"] = time.perf_counter() - t0
             return transition(job, JobState.RELEASED, signoff=signoff, decision="auto")
         return transition(job, JobState.AWAITING_SIGNOFF, reason="waiting for the data owner's sign-off")
 
-    return store.update_job(job_id, change, blobs=[result], drop=plan_blobs)
+    # Released now: the reservation is spent (settle). Waiting for the owner: it stays reserved until approve/reject.
+    ledger = _ledger(identity, "settle") if policy == "auto" else None
+    return store.update_job(job_id, change, blobs=[result], drop=plan_blobs, ledger=ledger)
 
 
 def plan_blobs(job: dict[str, Any]) -> list[str]:
@@ -69,18 +91,21 @@ def approve_job(store: Store, identity: Identity, job_id: str) -> dict[str, Any]
     """
     def change(job: dict[str, Any]) -> dict[str, Any]:
         nxt = transition(job, JobState.RELEASED)  # checks the state first
-        return dict(nxt, signoff=_signoff(identity, job, "owner"), decision="owner", reason="")
+        left = store.ledger_state().budget(job["dataset"]).left
+        return dict(nxt, signoff=_signoff(identity, job, "owner", left), decision="owner", reason="")
 
-    return store.update_job(job_id, change)
+    return store.update_job(job_id, change, ledger=_ledger(identity, "settle"))
 
 
-def reject_job(store: Store, job_id: str, reason: str = "") -> dict[str, Any]:
-    """The owner refuses to release a result; the result bytes are deleted, their hash is kept.
+def reject_job(store: Store, identity: Identity, job_id: str, reason: str = "") -> dict[str, Any]:
+    """The owner refuses to release a result; the result bytes are deleted, their hash is kept, and the epsilon
+    reserved for it is refunded (a result that never leaves the node spends no privacy).
 
     Raises:
         StoreError: no such job. InvalidTransition: the job is not awaiting sign-off.
     """
     return store.update_job(job_id, lambda j: transition(j, JobState.WITHHELD, reason=reason or "withheld by the owner"),
-                            drop=lambda j: [j.get("result_hash", "")])  # one transaction: no orphan after a crash
+                            drop=lambda j: [j.get("result_hash", "")],  # one transaction: no orphan after a crash
+                            ledger=_ledger(identity, "refund"))
 
 

@@ -6,7 +6,8 @@ Sub-databases::
     datasets  name -> msgpack record       metadata, schema, mock preview, key of the tensor blob
     jobs      job id -> msgpack record     the persisted job state machine (see job.py)
     nonces    nonce -> expiry (8 bytes)    job-request nonces seen, to refuse replays
-    meta      key -> bytes                 store format version
+    ledger    seq (8 bytes) -> entry       the privacy ledger (see ledger.py), appended in the job's transaction
+    meta      key -> bytes                 store format version, the ledger's replayed state
 
 LMDB gives us crash safety (copy-on-write B-tree, a committed transaction survives ``kill -9``) and lets the CLI, the
 daemon and read-only Worker processes share one store. Every write happens in one short transaction.
@@ -26,12 +27,18 @@ from typing import Any
 import lmdb
 
 from hivecell.crypto.canonical import canonical_packb, strict_unpackb
+from hivecell.crypto.identity import Identity
+
+from .ledger import DatasetBudget, LedgerState, seal_entry
+
+# (signing key, entries(job record) -> ledger entry bodies to append in the same transaction)
+LedgerWrite = tuple[Identity, Callable[[dict[str, Any]], list[dict[str, Any]]]]
 
 __all__ = ["Store", "StoreError", "open_blob_reader", "sha256_hex"]
 
 FORMAT_VERSION = b"1"
 _MAP_SIZE = 1 << 40  # address space only: LMDB files are sparse and grow with the data
-_DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta")
+_DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta", b"ledger")
 _MAX_RECORD = 64 << 20
 
 
@@ -173,15 +180,18 @@ class Store:
                 txn.delete(record["data_key"].encode(), db=self._db["blobs"])
 
     # -- jobs ------------------------------------------------------------------------------------------------------
-    def create_job(self, record: dict[str, Any], blobs: list[bytes] = ()) -> None:  # type: ignore[assignment]
-        """Persist a new job and the blobs it refers to in one transaction.
+    def create_job(self, record: dict[str, Any], blobs: list[bytes] = (),  # type: ignore[assignment]
+                   *, ledger: LedgerWrite | None = None) -> None:
+        """Persist a new job, the blobs it refers to and its ledger entries (``ledger(record)``) in one transaction.
 
         Raises:
             StoreError: a job with that id exists.
+            LedgerError: the ledger refuses an entry (e.g. the budget does not fit); nothing is written.
         """
         with self._env.begin(write=True) as txn:
             if txn.get(record["id"].encode(), db=self._db["jobs"]) is not None:
                 raise StoreError(f"job {record['id']} already exists")
+            self._ledger_append(txn, ledger, record)
             for data in blobs:
                 txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
             txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
@@ -194,7 +204,7 @@ class Store:
 
     def update_job(
         self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = (),  # type: ignore[assignment]
-        *, drop: Callable[[dict[str, Any]], list[str]] | None = None,
+        *, drop: Callable[[dict[str, Any]], list[str]] | None = None, ledger: LedgerWrite | None = None,
     ) -> dict[str, Any]:
         """Apply ``change`` to a job record atomically (read, change, write in one transaction) and return the new one.
 
@@ -210,6 +220,7 @@ class Store:
             if raw is None:
                 raise StoreError(f"no job {job_id}")
             record = change(_unpack(raw))
+            self._ledger_append(txn, ledger, record)
             for data in blobs:
                 txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
             txn.put(job_id.encode(), _pack(record), db=self._db["jobs"])
@@ -241,6 +252,55 @@ class Store:
                     total += 1
                     mine += job.get("scientist") == scientist
         return {"mine": mine, "all": total}
+
+    # -- the privacy ledger ------------------------------------------------------------------------------------------
+    def _ledger_state(self, txn: lmdb.Transaction) -> LedgerState:
+        raw = txn.get(b"ledger_state", db=self._db["meta"])
+        if raw is None:
+            return LedgerState()
+        snap = _unpack(raw)
+        return LedgerState(seq=snap["seq"], head=snap["head"],
+                           datasets={k: DatasetBudget(**v) for k, v in snap["datasets"].items()},
+                           open={k: (v[0], v[1]) for k, v in snap["open"].items()})
+
+    def _ledger_append(self, txn: lmdb.Transaction, ledger: LedgerWrite | None, record: dict[str, Any]) -> None:
+        if ledger is None:
+            return
+        identity, entries = ledger
+        fields = entries(record)
+        if not fields:
+            return
+        state = self._ledger_state(txn)
+        for f in fields:
+            if f["kind"] in ("settle", "refund") and f.get("job_id") not in state.open:
+                continue  # a job from before the ledger existed: nothing was reserved, so nothing to close
+            raw = seal_entry(identity, state, f)  # raises LedgerError: the whole transaction is abandoned
+            txn.put(struct.pack(">Q", state.seq - 1), raw, db=self._db["ledger"], overwrite=False)
+        # The replayed state, kept beside the chain so an append costs O(1); `verify` recomputes it from the chain.
+        txn.put(b"ledger_state", _pack({
+            "seq": state.seq, "head": state.head,
+            "datasets": {k: {"total": b.total, "allow_non_dp": b.allow_non_dp, "reserved": b.reserved,
+                             "spent": b.spent} for k, b in state.datasets.items()},
+            "open": {k: [d, e] for k, (d, e) in state.open.items()},
+        }), db=self._db["meta"])
+
+    def append_ledger(self, identity: Identity, fields: list[dict[str, Any]]) -> LedgerState:
+        """Append entries on their own (e.g. a budget change) and return the new state.
+
+        Raises:
+            LedgerError: the rules refuse an entry; nothing is written.
+        """
+        with self._env.begin(write=True) as txn:
+            self._ledger_append(txn, (identity, lambda _: fields), {})
+            return self._ledger_state(txn)
+
+    def ledger_state(self) -> LedgerState:
+        with self._env.begin() as txn:
+            return self._ledger_state(txn)
+
+    def ledger_entries(self) -> list[bytes]:
+        with self._env.begin(db=self._db["ledger"]) as txn:
+            return [bytes(v) for _, v in txn.cursor()]
 
     # -- nonces ----------------------------------------------------------------------------------------------------
     def nonce_seen(self, nonce: bytes) -> bool:

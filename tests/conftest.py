@@ -20,12 +20,14 @@ CANARY = np.random.default_rng(20261124).uniform(0.05, 0.95, size=(1, 1, 8, 8)).
 
 
 def add_dataset(home: Home, name: str, x: np.ndarray, y: np.ndarray, *, signoff: str = "auto",
-                tags: tuple[str, ...] = ("digits",)) -> None:
+                tags: tuple[str, ...] = ("digits",), budget: float | None = None) -> None:
     identity, _ = home.init()
     record = make_record(name=name, features=x, labels=y, feature_names=[], tags=list(tags), signoff=signoff,
                          owner=identity.peer_id, description=f"test dataset {name}")
     with Store.open(home.store_path) as store:
         store.add_dataset(record, encode_tensors(x, y))
+        if budget is not None:
+            store.append_ledger(identity, [{"kind": "budget", "dataset": name, "epsilon": budget}])
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, digits: tuple[np.ndarray, np.
     xc = np.concatenate([x, np.repeat(CANARY, 3, axis=0)])
     yc = np.concatenate([y, np.array([3, 3, 3], dtype=np.int64)])
     add_dataset(home, "canary", xc, yc)
+    add_dataset(home, "digits-budget", x, y, budget=BUDGET_JOBS * _dp_epsilon(len(x)))
     daemon = start_daemon(home.path, "--warm-workers", "1", env={"HIVECELL_WIRE_TAP": str(home.path / "wire.tap")})
     yield daemon
     daemon.stop()
@@ -63,6 +66,19 @@ def plan_factory():
         return build_plan(DigitsCNN(), digits_example_input(), dict(base, **recipe))
 
     return make
+
+
+DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+DP_RECIPE = {"optimizer": "adam", "lr": 0.01, "batch_size": 32, "epochs": 1, "seed": 0, "dp": DP}
+BUDGET_JOBS = 2.5  # the budget of "digits-budget" fits two DP_RECIPE jobs, not three
+
+
+def _dp_epsilon(n: int) -> float:
+    from hivecell.node.plan import validate_recipe
+    from hivecell.node.privacy import dp_plan, train_samples
+
+    recipe = validate_recipe(DP_RECIPE).to_dict()
+    return dp_plan(recipe, train_samples(n, recipe["eval_fraction"])).epsilon
 
 
 def home_of(daemon: DaemonProcess) -> Home:

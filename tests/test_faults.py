@@ -104,6 +104,15 @@ async def test_kill_9_while_a_job_runs(home, plan_factory, max_attempts, final):
                 assert status.reason.startswith("interrupted")
         with Store.open(home.store_path) as store:
             assert store.get_job(job_id)["attempts"] == max_attempts
+            entries = store.ledger_entries()
+        # the ledger verifies, and the job's reservation was closed exactly once: settled if it ran, else refunded
+        from hivecell.crypto.record import open_record
+        from hivecell.node.ledger import verify_chain
+
+        verify_chain(entries, signer=daemon.peer_id)
+        kinds = [f["kind"] for f in (open_record(e, domain="ledger", check_times=False).fields() for e in entries)
+                 if f.get("job_id") == job_id]
+        assert kinds == ["reserve", "settle" if final == "released" else "refund"]
     finally:
         daemon.stop()
 

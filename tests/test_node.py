@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 async def _still_serving(client: Client) -> None:
     names = {d.name for d in await client.datasets()}
-    assert {"digits", "digits-manual", "canary"} <= names
+    assert {"digits", "digits-manual", "canary", "digits-budget"} <= names
 
 
 def _request(identity: Identity, node: str, plan, *, dataset: str = "digits", recipe=None, ttl: float = 300,
@@ -271,3 +271,33 @@ async def test_dp_job_signs_off_the_epsilon_it_spent(node, plan_factory):
     assert math.isfinite(result.signoff.epsilon) and 0 < result.signoff.epsilon < 10
     assert result.signoff.delta == 1e-5
     assert result.metrics["epsilon"] == pytest.approx(result.signoff.epsilon, rel=1e-9)
+
+
+async def test_budget_is_never_overspent(node, plan_factory, digits):
+    """The budget fits two DP jobs: the third is refused before it runs, a job without DP too; the sign-offs state
+    the budget left, and the ledger verifies."""
+    from conftest import BUDGET_JOBS, DP_RECIPE, _dp_epsilon
+
+    from hivecell.node.ledger import verify_chain
+
+    eps = _dp_epsilon(len(digits[0]))
+    plan = plan_factory(**{k: v for k, v in DP_RECIPE.items()})
+    async with Client.connect(node.address) as client:
+        await client.datasets()
+        first = await client.submit("digits-budget", plan)
+        second = await client.submit("digits-budget", plan)
+        for bad in (plan, plan_factory(epochs=1)):  # over budget; and no DP on a DP-only dataset
+            with pytest.raises(RemoteError) as err:
+                await client.submit("digits-budget", bad)
+            assert err.value.code == ErrorCode.BUDGET_EXCEEDED
+        results = []
+        for job_id in (first, second):
+            assert (await client.wait(job_id, timeout=300)).state == "released"
+            results.append(await client.result(job_id))
+    for r in results:
+        assert r.signoff.epsilon == pytest.approx(eps) and r.signoff.budget_left == pytest.approx(
+            (BUDGET_JOBS - 2) * eps, abs=1e-9)
+    with Store.open(home_of(node).store_path) as store:
+        state = verify_chain(store.ledger_entries(), signer=node.peer_id)
+    b = state.budget("digits-budget")
+    assert b.spent == pytest.approx(2 * eps) and b.reserved == 0 and b.spent <= b.total
