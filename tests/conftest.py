@@ -37,6 +37,22 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A bare store holding all of scikit-learn's digits, for Worker tests without a daemon: (path, data key)."""
+    from safetensors.numpy import save
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    labels = digits.target.astype(np.int64)
+    path = tmp_path_factory.mktemp("store")
+    with Store.open(path) as store:
+        store.add_dataset({"name": "digits", "tags": ["digits"]}, save({"features": features, "labels": labels}))
+        key = store.get_dataset("digits")["data_key"]
+    return path, key
+
+
+@pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, digits: tuple[np.ndarray, np.ndarray]) -> Iterator[DaemonProcess]:
     """A daemon with datasets ``digits`` (auto sign-off), ``digits-manual`` and ``canary`` (private rows planted).
 

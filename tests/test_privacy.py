@@ -8,15 +8,11 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import save
-from sklearn.datasets import load_digits
 
 from hivecell.node.plan import PlanError, build_plan, load_program, plan_hash, validate_recipe
 from hivecell.node.privacy import RDP_ORDERS, dp_plan, epsilon_spent, noise_for_epsilon, train_samples
-from hivecell.node.store import Store
 from hivecell.node.worker import _make_loss, clipped_grad_sum
 from hivecell.node.workerpool import WorkerJob, WorkerLimits, open_worker_pool
 from hivecell.node.zoo import DigitsCNN, digits_example_input
@@ -186,18 +182,6 @@ def test_clipped_grad_sum_matches_a_per_example_loop() -> None:
 
 
 # -- a real Worker ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    digits = load_digits()
-    features = torch.from_numpy((digits.images / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    path = tmp_path_factory.mktemp("store")
-    with Store.open(path) as store:
-        store.add_dataset({"name": "digits", "tags": ["digits"]}, save({"features": features, "labels": labels}))
-        key = store.get_dataset("digits")["data_key"]
-    return path, key
 
 
 async def test_worker_trains_digits_with_dp(digits_store: tuple[Path, str]) -> None:

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 import trio
-from safetensors.torch import save
-from sklearn.datasets import load_digits
 
 from hivecell.node.plan import Plan, apply_weights, build_plan
-from hivecell.node.store import Store
 from hivecell.node.workerpool import WorkerFailed, WorkerJob, WorkerLimits, WorkerResult, open_worker_pool
 from hivecell.node.zoo import DigitsCNN, digits_example_input
-
-
-@pytest.fixture(scope="module")
-def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    digits = load_digits()
-    features = torch.from_numpy((digits.images / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    path = tmp_path_factory.mktemp("store")
-    with Store.open(path) as store:
-        store.add_dataset({"name": "digits", "tags": ["digits"]}, save({"features": features, "labels": labels}))
-        key = store.get_dataset("digits")["data_key"]
-    return path, key
 
 
 @pytest.fixture(scope="module")
