@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["FrameTooLarge", "FrameError", "read_frame", "write_frame", "encode_frame", "set_wire_tap"]
+__all__ = ["FrameTooLarge", "FrameError", "read_frame", "write_frame", "encode_frame"]
 
 logger = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
@@ -42,11 +42,6 @@ class ByteStream(Protocol):
 # (length-prefixed). Tests use it to prove that no frame a node sends carries private rows.
 _tap_lock = threading.Lock()
 _tap_path: str | None = os.environ.get("HIVECELL_WIRE_TAP") or None
-
-
-def set_wire_tap(path: str | None) -> None:
-    global _tap_path
-    _tap_path = path
 
 
 def _tap(frame: bytes) -> None:

@@ -9,7 +9,6 @@ handler takes the whole host down (see shared/notes/py-libp2p-0.8.1.md, pitfall 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from hivecell.crypto.identity import Identity
 
-if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
-    from exceptiongroup import BaseExceptionGroup
 
+from .errors import BaseExceptionGroup, leaves
 from .frame import FrameError, FrameTooLarge, read_frame, write_frame
 from .message import ErrorCode, ErrorReply, Message, Protocol, RemoteProtocolError
 
@@ -287,13 +285,7 @@ async def open_host(identity: Identity, listen: list[str] | None = None) -> Asyn
         # py-libp2p runs the body inside its own nursery, so an error raised in the ``async with`` body (ours or the
         # caller's) arrives wrapped in one or two exception groups. When the group holds exactly one error, that
         # error is the whole story: raise it as itself, so callers can catch PeerUnreachable, RemoteError, ...
-        leaves = _leaves(group)
-        if len(leaves) == 1 and isinstance(leaves[0], Exception):
-            raise leaves[0] from None
+        inner = leaves(group)
+        if len(inner) == 1 and isinstance(inner[0], Exception):
+            raise inner[0] from None
         raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]

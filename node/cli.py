@@ -17,13 +17,13 @@ from typing import Any
 
 import click
 
-if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
-    from exceptiongroup import BaseExceptionGroup
 
 from .config import (
     OPTIONS, ConfigError, ConfigParserMissing, Setting, Source, config_path, daemon_kwargs, example_config, load_file,
     resolve, validate_multiaddr,
 )
+from hivecell.mesh.errors import leaves
+
 from .home import Home, default_home
 
 __all__ = ["main", "ExitCode"]
@@ -259,18 +259,13 @@ def run(ctx: click.Context, **params: Any) -> None:
     try:
         trio.run(main)
     except Exception as exc:  # trio wraps errors in exception groups; map the ones an operator can act on
-        for leaf in _leaves(exc):
+        for leaf in leaves(exc):
             if isinstance(leaf, DaemonRunning):
                 raise CliError(str(leaf), ExitCode.CONFLICT) from exc
             if isinstance(leaf, OSError):
                 raise CliError(f"cannot start the daemon: {leaf}", ExitCode.FAILURE) from exc
         raise
 
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 @cli.command()

@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
-    from exceptiongroup import BaseExceptionGroup
 
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record
+from hivecell.mesh.errors import leaves
 from hivecell.mesh.host import RemoteError, Reply, open_host, short
 from hivecell.mesh.message import ErrorCode, Message
 
@@ -297,9 +295,7 @@ class Daemon:
 
 def _is_cancellation(exc: BaseException) -> bool:
     """``Cancelled``, or an exception group (nurseries wrap) that holds nothing else."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_cancellation(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
+    return all(isinstance(e, trio.Cancelled) for e in leaves(exc))
 
 
 def recover_jobs(store: Store, identity: Identity, *, max_attempts: int) -> list[dict[str, Any]]:

@@ -105,29 +105,22 @@ class Store:
         with self._env.begin(db=self._db["blobs"]) as txn:
             return txn.get(key.encode())
 
-    def delete_blob(self, key: str, *, unless_used_by_other_than: str | None = None) -> bool:
-        """Delete a blob; with ``unless_used_by_other_than=JOB_ID``, only if no other job or dataset refers to it.
+    def _delete_unshared(self, txn: lmdb.Transaction, key: str, owner: str) -> bool:
+        """Delete a blob unless a job other than ``owner`` (still needing it) or a dataset refers to it.
 
-        Blobs are content-addressed, so two jobs with the same plan and data share one result blob. Returns whether
-        the blob was deleted.
+        Blobs are content-addressed, so two jobs with the same plan and data share one result blob.
         """
-        with self._env.begin(write=True) as txn:
-            return self._delete_unshared(txn, key, unless_used_by_other_than)
-
-    def _delete_unshared(self, txn: lmdb.Transaction, key: str, owner: str | None) -> bool:
-        if owner is not None:
-            for _, raw in txn.cursor(db=self._db["jobs"]):
-                job = _unpack(raw)
-                if job["id"] == owner:
-                    continue
-                if job.get("result_hash") == key and job.get("state") != "withheld":
-                    return False
-                if key in (job.get("program_key"), job.get("weights_key")) and job.get("state") in (
-                        "queued", "running"):
-                    return False
-            for _, raw in txn.cursor(db=self._db["datasets"]):
-                if _unpack(raw).get("data_key") == key:
-                    return False
+        for _, raw in txn.cursor(db=self._db["jobs"]):
+            job = _unpack(raw)
+            if job["id"] == owner:
+                continue
+            if job.get("result_hash") == key and job.get("state") != "withheld":
+                return False
+            if key in (job.get("program_key"), job.get("weights_key")) and job.get("state") in ("queued", "running"):
+                return False
+        for _, raw in txn.cursor(db=self._db["datasets"]):
+            if _unpack(raw).get("data_key") == key:
+                return False
         return txn.delete(key.encode(), db=self._db["blobs"])
 
     # -- datasets --------------------------------------------------------------------------------------------------
