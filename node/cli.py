@@ -391,7 +391,7 @@ def dataset_add(ctx: click.Context, name: str, file: Path, label_column: str, fe
         except StoreError as exc:
             raise CliError(str(exc), ExitCode.CONFLICT) from exc
         if budget_eps is not None:
-            _set_budget(ctx, store, name, budget_eps, allow_non_dp=False)
+            _set_budget(ctx, store, name, budget_eps)
     if as_json:
         emit_json(summary(record))
     else:
@@ -442,31 +442,115 @@ def budget() -> None:
     """Set, show and verify the epsilon budgets of this node's datasets (the signed, hash-chained ledger)."""
 
 
-def _set_budget(ctx: click.Context, store: Any, dataset_name: str, epsilon: float, allow_non_dp: bool) -> Any:
+class _Limit(click.ParamType):
+    """An epsilon limit, or ``none`` to remove it."""
+
+    name = "EPS|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return _CLEAR
+        try:
+            eps = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an epsilon (a number >= 0) or 'none'", param, ctx)
+        if not (0 <= eps <= 1e6):
+            self.fail(f"{value!r}: an epsilon limit is between 0 and 1e6", param, ctx)
+        return eps
+
+
+class _ScientistLimit(click.ParamType):
+    """``PEER_ID=EPS`` (a named scientist's limit) or ``PEER_ID=none`` (back to the default)."""
+
+    name = "PEER=EPS|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from hivecell.crypto.identity import public_key_from_peer_id
+
+        peer, sep, eps = str(value).partition("=")
+        if not sep:
+            self.fail(f"{value!r}: expected PEER_ID=EPS", param, ctx)
+        try:
+            public_key_from_peer_id(peer.strip())
+        except ValueError:
+            self.fail(f"{peer!r} is not a peer id (12D3KooW...)", param, ctx)
+        return peer.strip(), _Limit().convert(eps, param, ctx)
+
+
+_CLEAR = object()
+
+
+def _set_budget(ctx: click.Context, store: Any, dataset_name: str, epsilon: float | None, *,
+                allow_non_dp: bool | None = None, per_job: Any = None, per_scientist: Any = None,
+                scientists: tuple[tuple[str, Any], ...] = ()) -> Any:
+    """Write a ``budget`` entry: the dataset's whole policy, where what is not given keeps its current value."""
     from .ledger import LedgerError
 
     if store.get_dataset(dataset_name) is None:
         raise CliError(f"no dataset named {dataset_name!r}", ExitCode.NOT_FOUND)
+    current = store.ledger_state().datasets.get(dataset_name)
+    if epsilon is None:
+        if current is None or current.total is None:
+            raise CliError(f"{dataset_name} has no budget yet: give its total epsilon", ExitCode.BAD_INPUT)
+        epsilon = current.total
+    keep = current.to_dict() if current is not None and current.total is not None else {
+        "allow_non_dp": False, "per_job": None, "per_scientist": None, "scientists": {}}
+
+    def pick(value: Any, key: str) -> Any:
+        return keep[key] if value is None else (None if value is _CLEAR else value)
+
+    named = dict(keep["scientists"])
+    for peer, limit in scientists:
+        if limit is _CLEAR:
+            named.pop(peer, None)
+        else:
+            named[peer] = limit
+    entry = {"kind": "budget", "dataset": dataset_name, "epsilon": float(epsilon),
+             "allow_non_dp": keep["allow_non_dp"] if allow_non_dp is None else allow_non_dp,
+             "per_job": pick(per_job, "per_job"), "per_scientist": pick(per_scientist, "per_scientist"),
+             "scientists": named}
     try:
-        return store.append_ledger(_home(ctx).identity(), [
-            {"kind": "budget", "dataset": dataset_name, "epsilon": float(epsilon), "allow_non_dp": allow_non_dp}])
+        return store.append_ledger(_home(ctx).identity(), [entry])
     except LedgerError as exc:
         raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
 
 
+def _policy_line(name: str, b: Any) -> str:
+    out = (f"{name}: budget {b.total:g}, spent {b.spent:.4g}, reserved {b.reserved:.4g}, left {b.left:.4g}"
+           + (", jobs without DP allowed" if b.allow_non_dp else ", DP jobs only"))
+    if b.per_job is not None:
+        out += f", at most {b.per_job:g} per job"
+    if b.per_scientist is not None:
+        out += f", at most {b.per_scientist:g} per scientist"
+    for peer, limit in sorted(b.scientists.items()):
+        out += f", {peer[-8:]}: {limit:g}"
+    return out
+
+
 @budget.command("set")
 @click.argument("dataset_name", metavar="DATASET")
-@click.argument("epsilon", type=click.FloatRange(0, 1e6))
-@click.option("--allow-non-dp", is_flag=True,
-              help="Also accept jobs without differential privacy (their results have no privacy bound).")
+@click.argument("epsilon", type=click.FloatRange(0, 1e6), required=False)
+@click.option("--allow-non-dp/--dp-only", default=None,
+              help="Also accept jobs without differential privacy (their results have no privacy bound), or not. "
+                   "New budgets are DP only.")
+@click.option("--per-job", type=_Limit(), default=None, help="The most epsilon one job may spend ('none': no cap).")
+@click.option("--per-scientist", type=_Limit(), default=None,
+              help="The most epsilon one scientist (peer id) may spend in all ('none': no limit).")
+@click.option("--scientist", "scientists", type=_ScientistLimit(), multiple=True,
+              help="A named scientist's own limit, over --per-scientist: PEER_ID=EPS, or PEER_ID=none. Repeatable.")
 @click.pass_context
-def budget_set(ctx: click.Context, dataset_name: str, epsilon: float, allow_non_dp: bool) -> None:
-    """Set DATASET's total epsilon. Jobs whose epsilon does not fit what is left are refused before they run."""
+def budget_set(ctx: click.Context, dataset_name: str, epsilon: float | None, allow_non_dp: bool | None,
+               per_job: Any, per_scientist: Any, scientists: tuple[tuple[str, Any], ...]) -> None:
+    """Set DATASET's privacy budget: its total EPSILON and optional limits per job and per scientist.
+
+    Options not given keep their current values (EPSILON too, once a budget exists). A job whose epsilon does not fit
+    every limit is refused before it runs. Lowering a budget below what is spent refuses new jobs; it never rewrites
+    what was spent.
+    """
     with _store(ctx) as store:
-        state = _set_budget(ctx, store, dataset_name, epsilon, allow_non_dp)
-    b = state.budget(dataset_name)
-    click.echo(f"{dataset_name}: budget {b.total:g}, spent {b.spent:.4g}, reserved {b.reserved:.4g}, "
-               f"left {b.left:.4g}" + (", jobs without DP allowed" if b.allow_non_dp else ", DP jobs only"))
+        state = _set_budget(ctx, store, dataset_name, epsilon, allow_non_dp=allow_non_dp, per_job=per_job,
+                            per_scientist=per_scientist, scientists=scientists)
+    click.echo(_policy_line(dataset_name, state.budget(dataset_name)))
 
 
 @budget.command("show")
@@ -486,6 +570,13 @@ def budget_show(ctx: click.Context, as_json: bool) -> None:
         left = "-" if b["left"] is None else f"{b['left']:.4g}"
         click.echo(f"{name:<24} budget {total:<16} spent {b['spent']:<10.4g} reserved {b['reserved']:<10.4g} "
                    f"left {left}")
+        limits = ([f"per job {b['per_job']:g}"] if b["per_job"] is not None else []) + (
+            [f"per scientist {b['per_scientist']:g}"] if b["per_scientist"] is not None else []) + [
+            f"{peer} {limit:g}" for peer, limit in sorted(b["scientists"].items())]
+        if limits:
+            click.echo(f"{'':<24} limits: " + ", ".join(limits))
+        for peer, used in sorted(b["used"].items(), key=lambda kv: -kv[1])[:10]:
+            click.echo(f"{'':<24} used by {peer}: {used:.4g}")
     click.echo(f"ledger: {state.seq} entries, head {state.head[:16]}…")
 
 

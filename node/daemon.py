@@ -28,7 +28,7 @@ from . import job as jobsm
 from .dataset import DatasetError, check_name, make_advert
 from .home import Home
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
-from .privacy import dp_plan, train_samples
+from .privacy import price_job
 from .ledger import LedgerError
 from .release import complete_job, fail_entry, plan_blobs, reserve_entry
 from .store import Store, StoreError, sha256_hex
@@ -153,15 +153,11 @@ class Daemon:
             raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
         if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
-        privacy = {"epsilon": math.inf, "delta": 0.0}
-        if normalized.get("dp"):
-            # Priced before anything runs, with the numbers the Worker will use (same train split, same sampling).
-            n_train = train_samples(dataset["schema"]["num_samples"], normalized["eval_fraction"])
-            try:
-                dp = await trio.to_thread.run_sync(dp_plan, normalized, n_train)
-            except PlanError as exc:
-                raise RemoteError(exc.code, exc.message) from None
-            privacy = {"epsilon": dp.epsilon, "delta": dp.delta}
+        try:  # priced before anything runs, with the numbers the Worker will use (same rows, same sampling)
+            epsilon, delta = await trio.to_thread.run_sync(price_job, normalized, dataset["schema"]["num_samples"])
+        except PlanError as exc:
+            raise RemoteError(exc.code, exc.message) from None
+        privacy = {"epsilon": epsilon, "delta": delta}
         job = jobsm.new_job(
             job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized, **privacy,
             program_key=program_key, weights_key=weights_key, request=msg.request,

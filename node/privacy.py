@@ -37,7 +37,7 @@ from typing import Any
 
 from hivecell.node.plan import DP_NOISE_RANGE, PlanError, validate_recipe
 
-__all__ = ["RDP_ORDERS", "DpPlan", "dp_plan", "epsilon_spent", "noise_for_epsilon", "train_samples"]
+__all__ = ["RDP_ORDERS", "DpPlan", "dp_plan", "epsilon_spent", "noise_for_epsilon", "train_samples", "price_job"]
 
 
 def _rdp_orders() -> tuple[float, ...]:
@@ -164,3 +164,17 @@ def dp_plan(recipe: Mapping[str, Any], num_train_samples: int) -> DpPlan:
     epsilon = epsilon_spent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=dp.delta)
     return DpPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=dp.delta, epsilon=epsilon,
                   clip_norm=dp.max_grad_norm, expected_batch_size=sample_rate * num_train_samples)
+
+
+def price_job(recipe: Mapping[str, Any], num_samples: int) -> tuple[float, float]:
+    """The (epsilon, delta) a job with this normalized ``recipe`` spends on a dataset of ``num_samples`` rows, computed
+    before it runs with the numbers the Worker will use. A job without differential privacy costs ``(inf, 0)``: no
+    bound on what its result reveals.
+
+    Raises:
+        PlanError: ``"bad_recipe"``: the node cannot price it (see :func:`dp_plan`).
+    """
+    if not recipe.get("dp"):
+        return math.inf, 0.0
+    plan = dp_plan(recipe, train_samples(num_samples, recipe["eval_fraction"]))
+    return plan.epsilon, plan.delta

@@ -29,7 +29,7 @@ import lmdb
 from hivecell.crypto.canonical import canonical_packb, strict_unpackb
 from hivecell.crypto.identity import Identity
 
-from .ledger import DatasetBudget, LedgerState, seal_entry
+from .ledger import DatasetBudget, LedgerState, replay_chain, seal_entry
 
 # (signing key, entries(job record) -> ledger entry bodies to append in the same transaction)
 LedgerWrite = tuple[Identity, Callable[[dict[str, Any]], list[dict[str, Any]]]]
@@ -38,6 +38,7 @@ __all__ = ["Store", "StoreError", "open_blob_reader", "sha256_hex"]
 
 FORMAT_VERSION = b"1"
 _MAP_SIZE = 1 << 40  # address space only: LMDB files are sparse and grow with the data
+_LEDGER_SNAPSHOT = 2  # the layout of the replayed ledger state kept in meta
 _DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta", b"ledger")
 _MAX_RECORD = 64 << 20
 
@@ -252,9 +253,12 @@ class Store:
         if raw is None:
             return LedgerState()
         snap = _unpack(raw)
+        if snap.get("v") != _LEDGER_SNAPSHOT:  # written by an older version: replay the chain (it is the truth)
+            entries = [bytes(v) for _, v in txn.cursor(db=self._db["ledger"])]
+            return replay_chain(entries)
         return LedgerState(seq=snap["seq"], head=snap["head"],
                            datasets={k: DatasetBudget(**v) for k, v in snap["datasets"].items()},
-                           open={k: (v[0], v[1]) for k, v in snap["open"].items()})
+                           open={k: (v[0], v[1], v[2]) for k, v in snap["open"].items()})
 
     def _ledger_append(self, txn: lmdb.Transaction, ledger: LedgerWrite | None, record: dict[str, Any]) -> None:
         if ledger is None:
@@ -271,10 +275,11 @@ class Store:
             txn.put(struct.pack(">Q", state.seq - 1), raw, db=self._db["ledger"], overwrite=False)
         # The replayed state, kept beside the chain so an append costs O(1); `verify` recomputes it from the chain.
         txn.put(b"ledger_state", _pack({
-            "seq": state.seq, "head": state.head,
-            "datasets": {k: {"total": b.total, "allow_non_dp": b.allow_non_dp, "reserved": b.reserved,
-                             "spent": b.spent} for k, b in state.datasets.items()},
-            "open": {k: [d, e] for k, (d, e) in state.open.items()},
+            "v": _LEDGER_SNAPSHOT, "seq": state.seq, "head": state.head,
+            "datasets": {k: {"total": b.total, "allow_non_dp": b.allow_non_dp, "per_job": b.per_job,
+                             "per_scientist": b.per_scientist, "scientists": b.scientists, "reserved": b.reserved,
+                             "spent": b.spent, "used": b.used} for k, b in state.datasets.items()},
+            "open": {k: [d, e, who] for k, (d, e, who) in state.open.items()},
         }), db=self._db["meta"])
 
     def append_ledger(self, identity: Identity, fields: list[dict[str, Any]]) -> LedgerState:

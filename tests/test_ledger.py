@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import lmdb
+import msgpack
 import pytest
 
 from hivecell.crypto.identity import Identity
@@ -134,3 +135,73 @@ def test_budget_cli_and_verify_detects_truncation(tmp_path, digits):
     env.close()
     broken = _hc(home.path, "budget", "verify", "--json")
     assert broken.returncode == 8 and json.loads(broken.stdout)["ok"] is False
+
+
+def test_per_job_cap_and_per_scientist_limits():
+    node = Identity.generate()
+    alice, bob, carol = (Identity.generate().peer_id for _ in range(3))
+    state = LedgerState()
+
+    def reserve(job: str, who: str, eps: float) -> None:
+        seal_entry(node, state, {"kind": "reserve", "dataset": "d", "job_id": job, "scientist": who, "epsilon": eps})
+
+    seal_entry(node, state, {"kind": "budget", "dataset": "d", "epsilon": 10.0, "per_job": 2.0,
+                             "per_scientist": 3.0, "scientists": {carol: 6.0}})
+    with pytest.raises(LedgerError, match="per job"):
+        reserve("big", alice, 2.5)
+    reserve("a1", alice, 2.0)
+    with pytest.raises(LedgerError, match="scientist's limit"):
+        reserve("a2", alice, 1.5)  # 2 + 1.5 > 3
+    reserve("a2", alice, 1.0)  # exactly at her limit
+    reserve("b1", bob, 2.0)  # bob has his own 3
+    reserve("c1", carol, 2.0), reserve("c2", carol, 2.0)  # carol's named limit of 6 overrides the default 3
+    with pytest.raises(LedgerError, match="does not fit"):
+        reserve("c3", carol, 2.0)  # 9 of the dataset's 10 are taken: only 1 left
+    seal_entry(node, state, {"kind": "refund", "dataset": "d", "job_id": "a2"})  # a refund gives her share back
+    seal_entry(node, state, {"kind": "settle", "dataset": "d", "job_id": "a1"})  # a settle keeps it used
+    b = state.budget("d")
+    assert b.used == {alice: 2.0, bob: 2.0, carol: 4.0}
+    assert b.left_for(alice) == 1.0 and b.left_for(carol) == 2.0 and b.left_for(bob) == 1.0
+    with pytest.raises(LedgerError):  # limits are finite epsilons >= 0
+        seal_entry(node, state, {"kind": "budget", "dataset": "d", "epsilon": 10.0, "per_job": -1.0})
+    with pytest.raises(LedgerError):
+        seal_entry(node, state, {"kind": "budget", "dataset": "d", "epsilon": 10.0, "scientists": {alice: math.inf}})
+
+
+def test_a_snapshot_from_an_older_version_is_rebuilt_from_the_chain(tmp_path):
+    node, alice = Identity.generate(), Identity.generate().peer_id
+    with Store.open(tmp_path / "s") as store:
+        store.append_ledger(node, [{"kind": "budget", "dataset": "d", "epsilon": 5.0, "per_scientist": 2.0},
+                                   {"kind": "reserve", "dataset": "d", "job_id": "j", "scientist": alice,
+                                    "epsilon": 1.5}])
+        with store._env.begin(write=True) as txn:  # the layout version 1 wrote: no limits, no users, no "v"
+            txn.put(b"ledger_state", msgpack.packb({"seq": 2, "head": "0" * 64, "datasets": {
+                "d": {"total": 5.0, "allow_non_dp": False, "reserved": 1.5, "spent": 0.0}},
+                "open": {"j": ["d", 1.5]}}), db=store._db["meta"])
+        b = store.ledger_state().budget("d")
+        assert (b.per_scientist, b.used, b.left_for(alice)) == (2.0, {alice: 1.5}, 0.5)
+
+
+def test_budget_set_keeps_what_it_is_not_told(tmp_path, digits):
+    import numpy as np
+
+    home = Home(tmp_path / "h")
+    np.savez(tmp_path / "d.npz", x=digits[0], y=digits[1])
+    assert _hc(home.path, "init").returncode == 0
+    assert _hc(home.path, "dataset", "add", "d", str(tmp_path / "d.npz")).returncode == 0
+    no_total = _hc(home.path, "budget", "set", "d", "--per-job", "1")
+    assert no_total.returncode == 6 and "give its total epsilon" in no_total.stderr
+    peer = Identity.generate().peer_id
+    assert _hc(home.path, "budget", "set", "d", "10", "--per-job", "1", "--per-scientist", "4",
+               "--scientist", f"{peer}=7").returncode == 0
+    assert _hc(home.path, "budget", "set", "d", "12").returncode == 0  # raising the total keeps every limit
+    policy = json.loads(_hc(home.path, "budget", "show", "--json").stdout)["datasets"]["d"]
+    assert (policy["total"], policy["per_job"], policy["per_scientist"], policy["scientists"]) == (12.0, 1.0, 4.0,
+                                                                                                   {peer: 7.0})
+    assert _hc(home.path, "budget", "set", "d", "--per-job", "none", "--scientist", f"{peer}=none").returncode == 0
+    policy = json.loads(_hc(home.path, "budget", "show", "--json").stdout)["datasets"]["d"]
+    assert (policy["per_job"], policy["per_scientist"], policy["scientists"]) == (None, 4.0, {})
+    for bad in (["--per-job", "-1"], ["--scientist", "nobody=1"], ["--scientist", f"{peer}"]):
+        assert _hc(home.path, "budget", "set", "d", *bad).returncode == 2
+    assert "per scientist 4" in _hc(home.path, "budget", "show").stdout
+    assert _hc(home.path, "budget", "verify").returncode == 0
