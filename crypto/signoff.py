@@ -3,7 +3,8 @@
 A sign-off is a signed record (domain ``"signoff"``) over the job id, dataset, scientist, plan hash, result hash, the
 epsilon and delta spent, the budget left and how it was decided (``auto`` by the node's policy or ``owner`` by a
 person). A client uses a result only after :func:`verify_signoff` accepted the sign-off for exactly what it asked and
-exactly the bytes it received.
+exactly the bytes it received, signed by the dataset's owner key or by a node key the owner delegated to (see
+``delegation.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .delegation import DelegationRefused, check_delegated
 from .identity import Identity
 from .record import InvalidRecord, Record, open_record, seal
 
@@ -69,27 +71,39 @@ def verify_signoff(
     plan_hash: str | None = None,
     scientist: str | None = None,
     dataset: str | None = None,
+    delegation: bytes | None = None,
     now: float | None = None,
 ) -> tuple[SignOff, Record]:
     """Check a sign-off against what the caller asked for and the bytes it received.
 
     Args:
-        owner: peer id of the key that must have signed (the dataset's owner).
+        owner: peer id of the dataset's owner key (from its advert).
+        delegation: the owner's delegation to the node (from the advert), if the owner key is not the node key.
+            A sign-off by any key other than ``owner`` is accepted only as an ``auto`` decision within it.
         result_hash: sha256 hex of the result bytes as received, computed by the caller.
 
     Raises:
-        SignoffRejected: bad signature, wrong signer, or any field that differs from what is expected.
+        SignoffRejected: bad signature, a signer that is neither the owner nor a node within the owner's delegation,
+            or any field that differs from what is expected.
     """
     try:
         record = open_record(unverified, domain=SIGNOFF_DOMAIN, now=now)
     except InvalidRecord as exc:
         raise SignoffRejected(f"invalid record: {exc.reason}") from exc
-    if record.signer != owner:
-        raise SignoffRejected("signed by a key that is not the dataset owner's")
     try:
         statement = SignOff(**record.fields())
     except (TypeError, ValueError) as exc:
         raise SignoffRejected("malformed statement") from exc
+    if record.signer != owner:
+        if delegation is None:
+            raise SignoffRejected("signed by a key that is not the dataset owner's, and without a delegation")
+        if statement.decision != "auto" or statement.node != record.signer:
+            raise SignoffRejected("a delegated node may only sign off automatically, as itself")
+        try:
+            check_delegated(delegation, owner=owner, signer=record.signer, dataset=statement.dataset,
+                            epsilon=statement.epsilon, signed_at=record.issued_at, now=now)
+        except DelegationRefused as exc:
+            raise SignoffRejected(exc.reason) from exc
     expected = {"job_id": job_id, "result_hash": result_hash, "plan_hash": plan_hash,
                 "scientist": scientist, "dataset": dataset}
     for name, want in expected.items():

@@ -5,6 +5,7 @@ Human output by default, ``--json`` for scripts on every listing; failures exit 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -666,19 +667,76 @@ def jobs_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @jobs.command("approve")
 @click.argument("job_id")
+@click.option("--owner-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Sign with the data owner's key file (when the owner keeps a key apart from the node key).")
+@click.option("--signoff", "signoff_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Deliver an approval the owner signed elsewhere (hivecell jobs export, then hivecell owner sign).")
 @click.pass_context
-def jobs_approve(ctx: click.Context, job_id: str) -> None:
-    """Sign off the result of JOB_ID (waiting in awaiting_signoff) so the scientist can fetch it."""
-    from .job import InvalidTransition
-    from .release import approve_job
+def jobs_approve(ctx: click.Context, job_id: str, owner_key: Path | None, signoff_file: Path | None) -> None:
+    """Sign off the result of JOB_ID (waiting in awaiting_signoff) so the scientist can fetch it.
 
+    By default the node key signs (it is the owner key unless `hivecell owner use` said otherwise). An owner with a
+    key of their own signs here with --owner-key, or offline: `hivecell jobs export JOB_ID -o req.json` on the node,
+    `hivecell owner sign req.json --key owner.key -o approval.signoff` where the key lives, then
+    `hivecell jobs approve JOB_ID --signoff approval.signoff` on the node.
+    """
+    from hivecell.crypto.identity import Identity, IdentityError
+    from .job import InvalidTransition
+    from .release import ApprovalError, approve_job
+
+    if owner_key is not None and signoff_file is not None:
+        raise CliError("give --owner-key or --signoff, not both", ExitCode.BAD_INPUT)
+    key = signoff = None
+    try:
+        key = Identity.load(owner_key) if owner_key is not None else None
+    except (IdentityError, OSError) as exc:
+        raise CliError(f"{owner_key}: {exc}", ExitCode.BAD_INPUT) from exc
+    if signoff_file is not None:
+        signoff = _read_small(signoff_file)
     with _store(ctx) as store:
         _get_job(store, job_id)
         try:
-            approve_job(store, _home(ctx).identity(), job_id)
+            approve_job(store, _home(ctx).identity(), job_id, owner_key=key, signoff=signoff)
         except InvalidTransition as exc:
             raise CliError(str(exc), ExitCode.CONFLICT) from exc
+        except ApprovalError as exc:
+            raise CliError(str(exc), ExitCode.UNVERIFIED) from exc
     click.echo(f"signed off {job_id}")
+
+
+def _read_small(path: Path, limit: int = 1 << 20) -> bytes:
+    data = path.read_bytes()[: limit + 1]
+    if len(data) > limit:
+        raise CliError(f"{path}: larger than {limit} bytes; not a signed record", ExitCode.BAD_INPUT)
+    return data
+
+
+SIGNOFF_REQUEST_FORMAT = "hivecell-signoff-request/1"
+
+
+@jobs.command("export")
+@click.argument("job_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the request here (default: standard output).")
+@click.pass_context
+def jobs_export(ctx: click.Context, job_id: str, output: Path | None) -> None:
+    """Write the sign-off statement of JOB_ID for the owner to sign offline (hivecell owner sign)."""
+    from .job import JobState
+    from .release import signoff_statement
+
+    with _store(ctx) as store:
+        job = _get_job(store, job_id)
+        if job["state"] != JobState.AWAITING_SIGNOFF.value:
+            raise CliError(f"job {job_id} is {job['state']}, not awaiting_signoff", ExitCode.CONFLICT)
+        left = store.ledger_state().budget(job["dataset"]).left
+        statement = signoff_statement(job, node=_home(ctx).identity().peer_id, decision="owner", budget_left=left)
+    text = json.dumps({"format": SIGNOFF_REQUEST_FORMAT, "statement": dataclasses.asdict(statement),
+                       "metrics": jsonable(job.get("metrics", {}))}, indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"wrote {output}; sign it with: hivecell owner sign {output} --key OWNER_KEY -o APPROVAL", err=True)
 
 
 @jobs.command("reject")
@@ -697,6 +755,192 @@ def jobs_reject(ctx: click.Context, job_id: str, reason: str) -> None:
         except InvalidTransition as exc:
             raise CliError(str(exc), ExitCode.CONFLICT) from exc
     click.echo(f"withheld {job_id}")
+
+
+# -- owner --------------------------------------------------------------------------------------------------------
+@cli.group()
+def owner() -> None:
+    """The data owner's key: keep it apart from the node key, delegate limits to the node, sign approvals offline.
+
+    \b
+    On the owner's machine:  hivecell owner keygen owner.key
+                             hivecell owner delegate --key owner.key --node NODE_PEER_ID --max-epsilon 2 -o node.dlg
+    On the node:             hivecell owner use --delegation node.dlg
+    The node then signs off jobs within the delegation by itself; others wait for the owner's key
+    (hivecell jobs approve --owner-key, or jobs export / owner sign / jobs approve --signoff).
+    """
+
+
+@owner.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def owner_keygen(path: Path, as_json: bool) -> None:
+    """Create an owner key at PATH (mode 0600; never overwrites) and print its peer id."""
+    from hivecell.crypto.identity import Identity
+
+    if path.exists():
+        raise CliError(f"{path} exists; an owner key is never overwritten", ExitCode.CONFLICT)
+    identity = Identity.generate()
+    try:
+        identity.save(path)
+    except OSError as exc:
+        raise CliError(f"{path}: {exc}", ExitCode.BAD_INPUT) from exc
+    if as_json:
+        emit_json({"owner": identity.peer_id, "key": str(path)})
+    else:
+        click.echo(f"owner key {identity.peer_id} written to {path}; keep it safe, and offline if you can")
+
+
+def _load_key(path: Path) -> Any:
+    from hivecell.crypto.identity import Identity, IdentityError
+
+    try:
+        return Identity.load(path)
+    except (IdentityError, OSError) as exc:
+        raise CliError(f"{path}: {exc}", ExitCode.BAD_INPUT) from exc
+
+
+@owner.command("delegate")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+              help="The owner key file.")
+@click.option("--node", "node_id", default=None,
+              help="The node's peer id (default: the node of --home, if it has been initialised here).")
+@click.option("--max-epsilon", type=click.FloatRange(0, 1e6), required=True,
+              help="The most epsilon one job may spend and still be signed off by the node on its own.")
+@click.option("--allow-non-dp", is_flag=True, help="Let the node also release results of jobs without DP.")
+@click.option("--dataset", "datasets", multiple=True, help="Limit it to these datasets (repeatable; default all).")
+@click.option("--days", type=click.FloatRange(0.001, 730), default=90, show_default=True, help="How long it lasts.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the signed delegation (give it to the node: hivecell owner use --delegation).")
+@click.pass_context
+def owner_delegate(ctx: click.Context, key_path: Path, node_id: str | None, max_epsilon: float, allow_non_dp: bool,
+                   datasets: tuple[str, ...], days: float, output: Path) -> None:
+    """Sign a delegation that lets a node key sign off results by itself, within limits."""
+    from hivecell.crypto.delegation import Delegation, sign_delegation
+    from hivecell.crypto.identity import public_key_from_peer_id
+
+    key = _load_key(key_path)
+    if node_id is None:
+        home = _home(ctx)
+        if not home.is_initialized():
+            raise CliError("give --node PEER_ID (the node's peer id: hivecell status on the node)", ExitCode.BAD_INPUT)
+        node_id = home.identity().peer_id
+    try:
+        public_key_from_peer_id(node_id)
+    except ValueError as exc:
+        raise CliError(f"{node_id!r} is not a peer id", ExitCode.BAD_INPUT) from exc
+    if node_id == key.peer_id:
+        raise CliError("the owner key and the node key are the same key: no delegation is needed", ExitCode.BAD_INPUT)
+    raw = sign_delegation(key, Delegation(node=node_id, max_epsilon=max_epsilon, allow_non_dp=allow_non_dp,
+                                          datasets=tuple(datasets)), ttl=days * 86400)
+    output.write_bytes(raw)
+    click.echo(f"delegation for node {node_id}: up to epsilon {max_epsilon:g} per job"
+               + (", jobs without DP too" if allow_non_dp else "")
+               + (f", datasets {', '.join(datasets)}" if datasets else ", all datasets")
+               + f", {days:g} days; written to {output}")
+
+
+def _owner_lines(info: dict[str, Any]) -> list[str]:
+    if not info["separate"]:
+        return [f"owner: the node key {info['node']} (no separate owner key)"]
+    lines = [f"owner key: {info['owner']}", f"node key:  {info['node']}"]
+    d = info["delegation"]
+    if d is None:
+        lines.append("delegation: none (every result waits for the owner's key)")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["expires"]))
+        lines.append(f"delegation: up to epsilon {d['max_epsilon']:g} per job"
+                     + (", jobs without DP too" if d["allow_non_dp"] else "")
+                     + (f", datasets {', '.join(d['datasets'])}" if d["datasets"] else ", all datasets")
+                     + f", until {when}")
+    if info["problem"] and d is not None:
+        lines.append(f"NOT USABLE: {info['problem']} (jobs wait for the owner's key)")
+    return lines
+
+
+@owner.command("use")
+@click.option("--delegation", "delegation_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="A delegation signed by the owner key (hivecell owner delegate).")
+@click.option("--owner", "owner_id", default=None,
+              help="The owner key's peer id, without delegation: every result waits for the owner's signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def owner_use(ctx: click.Context, delegation_file: Path | None, owner_id: str | None, as_json: bool) -> None:
+    """On the node: from now on, results are signed off by this owner key (or by the node within its delegation).
+
+    A running daemon picks it up at once: its adverts name the owner and carry the delegation.
+    """
+    from .owner import OwnerError, use_owner
+
+    if (delegation_file is None) == (owner_id is None):
+        raise CliError("give --delegation FILE or --owner PEER_ID", ExitCode.BAD_INPUT)
+    delegation = _read_small(delegation_file) if delegation_file is not None else None
+    with _store(ctx) as store:
+        try:
+            config = use_owner(store, _home(ctx).identity(), owner=owner_id, delegation=delegation)
+        except OwnerError as exc:
+            raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+    info = config.to_dict()
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo("\n".join(_owner_lines(info)))
+
+
+@owner.command("reset")
+@click.pass_context
+def owner_reset(ctx: click.Context) -> None:
+    """On the node: the node key is the owner key again (the default)."""
+    from .owner import reset_owner
+
+    with _store(ctx) as store:
+        info = reset_owner(store, _home(ctx).identity()).to_dict()
+    click.echo("\n".join(_owner_lines(info)))
+
+
+@owner.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def owner_show(ctx: click.Context, as_json: bool) -> None:
+    """On the node: which key signs off results, and the delegation's limits and expiry."""
+    from .owner import load_owner
+
+    with _store(ctx) as store:
+        info = load_owner(store, _home(ctx).identity()).to_dict()
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo("\n".join(_owner_lines(info)))
+
+
+@owner.command("sign")
+@click.argument("request", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+              help="The owner key file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the signed approval (deliver it: hivecell jobs approve ID --signoff FILE).")
+def owner_sign(request: Path, key_path: Path, output: Path) -> None:
+    """Sign a sign-off request (hivecell jobs export) with the owner key, offline; shows what is signed."""
+    from hivecell.crypto.signoff import SignOff, sign_signoff
+
+    try:
+        doc = json.loads(_read_small(request))
+        if doc.get("format") != SIGNOFF_REQUEST_FORMAT:
+            raise ValueError(f"not a {SIGNOFF_REQUEST_FORMAT} file")
+        statement = SignOff(**doc["statement"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CliError(f"{request}: not a sign-off request ({exc})", ExitCode.BAD_INPUT) from exc
+    if statement.decision != "owner":
+        raise CliError(f"{request}: an owner approval states decision 'owner'", ExitCode.BAD_INPUT)
+    key = _load_key(key_path)
+    output.write_bytes(sign_signoff(key, statement))
+    for name, value in dataclasses.asdict(statement).items():
+        click.echo(f"{name:>12}: {value}")
+    metrics = doc.get("metrics") or {}
+    if metrics:
+        click.echo(f"{'metrics':>12}: {json.dumps(metrics)[:400]}")
+    click.echo(f"signed with owner key {key.peer_id}; deliver {output} with: "
+               f"hivecell jobs approve {statement.job_id} --signoff {output}")
 
 
 # -- demo ---------------------------------------------------------------------------------------------------------

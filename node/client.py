@@ -7,7 +7,8 @@ Two faces:
   so it works under a notebook's asyncio loop.
 
 A result is handed over only after :func:`~hivecell.crypto.signoff.verify_signoff` accepted its sign-off: signed by the
-dataset's advertised owner, for this job, this plan, this scientist, this dataset and exactly the bytes received.
+dataset's advertised owner key (or by the node within the owner's delegation, which the advert carries), for this job,
+this plan, this scientist, this dataset and exactly the bytes received.
 """
 
 from __future__ import annotations
@@ -62,24 +63,37 @@ class JobResult:
     """A released, verified result."""
 
     job_id: str
-    weights: bytes  # safetensors, same names as the model's state_dict
+    weights: bytes  # safetensors, same names as the model's state_dict; b"" for an evaluate job (metrics only)
     metrics: dict[str, Any]
     signoff: SignOff
     signoff_record: bytes
     result_hash: str
 
     def state_dict(self) -> dict[str, Any]:
-        """The trained weights as torch tensors (imports torch)."""
+        """The trained weights as torch tensors (imports torch).
+
+        Raises:
+            ValueError: the job released no weights (an evaluate job).
+        """
         from .plan import load_weights
 
-        return load_weights(self.weights)
+        return load_weights(self._trained_weights())
 
     def apply_to(self, model: Any) -> Any:
-        """Load the trained weights into ``model`` (the module the plan was built from) and return it."""
+        """Load the trained weights into ``model`` (the module the plan was built from) and return it.
+
+        Raises:
+            ValueError: the job released no weights (an evaluate job).
+        """
         from .plan import apply_weights
 
-        apply_weights(model, self.weights)
+        apply_weights(model, self._trained_weights())
         return model
+
+    def _trained_weights(self) -> bytes:
+        if not self.weights:
+            raise ValueError(f"job {self.job_id} released no weights: an evaluate job returns metrics only")
+        return self.weights
 
 
 class Client:
@@ -200,7 +214,8 @@ class Client:
         result_hash = hashlib.sha256(result).hexdigest()
         try:
             statement, _ = verify_signoff(signoff, owner=advert.owner, job_id=job_id, result_hash=result_hash,
-                                          plan_hash=p_hash, scientist=self.peer_id, dataset=dataset)
+                                          plan_hash=p_hash, scientist=self.peer_id, dataset=dataset,
+                                          delegation=advert.delegation)
         except SignoffRejected as exc:
             raise ResultRejected(f"result of job {job_id} refused: {exc.reason}") from exc
         if statement.node != self.node:

@@ -27,6 +27,7 @@ from hivecell.mesh.message import ErrorCode, Message
 from . import job as jobsm
 from .dataset import DatasetError, check_name, make_advert
 from .home import Home
+from .owner import load_owner
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
 from .privacy import price_job
 from .ledger import LedgerError
@@ -87,8 +88,10 @@ class Daemon:
     async def handle_dataset(self, peer: str, message: Message, reply: Reply) -> None:
         if not isinstance(message, ListDatasets):
             raise RemoteError(ErrorCode.BAD_MESSAGE, "expected a dataset list request")
-        records = await trio.to_thread.run_sync(self.store.list_datasets)
-        await reply.send(DatasetList(adverts=[make_advert(self.identity, r) for r in records]))
+        records, owner = await trio.to_thread.run_sync(
+            lambda: (self.store.list_datasets(), load_owner(self.store, self.identity)))
+        await reply.send(DatasetList(adverts=[
+            make_advert(self.identity, r, owner=owner.owner, delegation=owner.delegation) for r in records]))
 
     # -- /hivecell/job/1.0.0 ---------------------------------------------------------------------------------------
     async def handle_job(self, peer: str, message: Message, reply: Reply) -> None:

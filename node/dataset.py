@@ -51,6 +51,7 @@ class DatasetInfo:
     signoff: str
     owner: str  # peer id of the key that signs off results
     node: str = ""  # peer id of the node that holds it (the advert's signer)
+    delegation: bytes | None = None  # the owner's delegation to the node, when the owner key is not the node key
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,8 +229,14 @@ def make_record(*, name: str, features: np.ndarray, labels: np.ndarray, feature_
     }
 
 
-def make_advert(identity: Identity, record: dict[str, Any], *, now: float | None = None) -> bytes:
-    fields = {k: record[k] for k in ("name", "description", "tags", "schema", "mock", "signoff", "owner")}
+def make_advert(identity: Identity, record: dict[str, Any], *, owner: str | None = None,
+                delegation: bytes | None = None, now: float | None = None) -> bytes:
+    """The signed advert of a stored dataset. ``owner`` (default: the node key) is the key whose sign-offs count;
+    ``delegation`` is that key's delegation to this node, if any (see ``owner.py``)."""
+    fields = {k: record[k] for k in ("name", "description", "tags", "schema", "mock", "signoff")}
+    fields["owner"] = owner or identity.peer_id
+    if delegation is not None:
+        fields["delegation"] = delegation
     return seal(identity, ADVERT_DOMAIN, fields, ttl=ADVERT_TTL_S, now=now)
 
 
@@ -244,9 +251,11 @@ def open_advert(unverified: bytes, *, now: float | None = None) -> DatasetInfo:
     try:
         info = DatasetInfo(name=check_name(f["name"]), description=str(f["description"]), tags=list(f["tags"]),
                            schema=dict(f["schema"]), mock=dict(f["mock"]), signoff=str(f["signoff"]),
-                           owner=str(f["owner"]), node=record.signer)
+                           owner=str(f["owner"]), node=record.signer, delegation=f.get("delegation"))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidRecord("malformed advert") from exc
+    if info.delegation is not None and not isinstance(info.delegation, bytes):
+        raise InvalidRecord("malformed advert")
     if not all(isinstance(t, str) for t in info.tags) or info.signoff not in SIGNOFF_POLICIES:
         raise InvalidRecord("malformed advert")
     return info

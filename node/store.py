@@ -7,7 +7,7 @@ Sub-databases::
     jobs      job id -> msgpack record     the persisted job state machine (see job.py)
     nonces    nonce -> expiry (8 bytes)    job-request nonces seen, to refuse replays
     ledger    seq (8 bytes) -> entry       the privacy ledger (see ledger.py), appended in the job's transaction
-    meta      key -> bytes                 store format version, the ledger's replayed state
+    meta      key -> bytes                 store format version, the ledger's replayed state, the data owner
 
 LMDB gives us crash safety (copy-on-write B-tree, a committed transaction survives ``kill -9``) and lets the CLI, the
 daemon and read-only Worker processes share one store. Every write happens in one short transaction.
@@ -246,6 +246,19 @@ class Store:
                     total += 1
                     mine += job.get("scientist") == scientist
         return {"mine": mine, "all": total}
+
+    # -- the data owner (see owner.py) -------------------------------------------------------------------------------
+    def get_owner(self) -> dict[str, Any] | None:
+        with self._env.begin(db=self._db["meta"]) as txn:
+            raw = txn.get(b"owner")
+        return None if raw is None else _unpack(raw)
+
+    def set_owner(self, record: dict[str, Any] | None) -> None:
+        with self._env.begin(write=True, db=self._db["meta"]) as txn:
+            if record is None:
+                txn.delete(b"owner")
+            else:
+                txn.put(b"owner", _pack(record))
 
     # -- the privacy ledger ------------------------------------------------------------------------------------------
     def _ledger_state(self, txn: lmdb.Transaction) -> LedgerState:
