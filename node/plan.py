@@ -16,7 +16,9 @@ A plan is three parts:
     by the audit: a plan carries exactly ``model.state_dict()`` and nothing else, so trained weights load straight
     back into the scientist's module with :func:`apply_weights`.
 ``recipe``
-    A dict from a fixed vocabulary (:func:`validate_recipe`).
+    A dict from a fixed vocabulary (:func:`validate_recipe`). Its ``kind`` says what the node does with the model:
+    ``"train"`` (the default) trains it on the private rows and releases the trained weights; ``"evaluate"`` only
+    runs it on every private row and releases metrics (accuracy, loss, confusion counts), no weights.
 
 What the program audit enforces (each rule names the deserializer path it closes, see
 ``torch/_export/serde/serialize.py``):
@@ -47,7 +49,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hivecell.crypto.canonical import canonical_packb
 
@@ -58,6 +60,8 @@ __all__ = [
     "ALLOWED_ATEN",
     "DP_NOISE_RANGE",
     "DpSpec",
+    "EvalDpSpec",
+    "EvalRecipe",
     "Plan",
     "PlanError",
     "Recipe",
@@ -90,15 +94,21 @@ def _bad_plan(message: str) -> PlanError:
 
 # -- recipe -----------------------------------------------------------------------------------------------------------
 
+_KINDS = ("train", "evaluate")
 _TASKS = ("classification", "regression")
 _LOSSES = ("cross_entropy", "mse", "l1")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 _METRICS = ("accuracy", "loss")
+_EVAL_METRICS = ("accuracy", "loss", "confusion")
 _RECIPE_KEYS = frozenset(
-    {"task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
+    {"kind", "task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
      "eval_fraction", "seed", "dp"}
 )
+_EVAL_KEYS = ("kind", "task", "loss", "metrics", "batch_size", "dp")  # the rest of _RECIPE_KEYS is about training
 _DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_grad_norm", "delta"})
+_EVAL_DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_loss", "delta"})
+_DP_EVAL_FRACTION = ("eval_fraction must be 0 under dp: evaluating on private rows is an evaluate job of its own, "
+                     "charged to the budget")
 DP_NOISE_RANGE = (0.1, 100.0)  # noise multipliers a recipe may state, and noise_for_epsilon searches
 
 
@@ -127,9 +137,34 @@ class DpSpec:
 
 
 @dataclass(frozen=True)
+class EvalDpSpec:
+    """An evaluate recipe's ``dp`` section: exactly one of ``noise_multiplier`` and ``target_epsilon`` is set.
+
+    ``max_loss`` bounds what one example adds to the loss sum (a larger or non-finite loss counts as ``max_loss``),
+    ``delta`` is the (epsilon, delta)-DP delta. The mechanism is described in ``privacy.py``.
+    """
+
+    max_loss: float
+    delta: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.noise_multiplier is not None:
+            out["noise_multiplier"] = self.noise_multiplier
+        if self.target_epsilon is not None:
+            out["target_epsilon"] = self.target_epsilon
+        out["max_loss"] = self.max_loss
+        out["delta"] = self.delta
+        return out
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated, normalized training recipe (every default filled)."""
 
+    kind: ClassVar[str] = "train"
     task: str = "classification"
     loss: str = "cross_entropy"
     optimizer: str = "adam"
@@ -144,7 +179,8 @@ class Recipe:
     dp: DpSpec | None = None  # None: no differential privacy
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalized recipe; ``dp`` appears only when set, so recipes without it hash as they always did."""
+        """The normalized recipe; ``kind`` never appears (``"train"`` is the default) and ``dp`` only when set, so
+        recipes without them hash as they always did."""
         out = {
             "task": self.task,
             "loss": self.loss,
@@ -163,8 +199,32 @@ class Recipe:
         return out
 
 
+@dataclass(frozen=True)
+class EvalRecipe:
+    """A validated, normalized evaluate recipe: run the model on every row and release metrics, no weights."""
+
+    kind: ClassVar[str] = "evaluate"
+    task: str = "classification"
+    loss: str = "cross_entropy"
+    batch_size: int = 32
+    metrics: tuple[str, ...] = _EVAL_METRICS
+    dp: EvalDpSpec | None = None  # None: the exact metrics, no privacy bound
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "task": self.task, "loss": self.loss, "metrics": list(self.metrics),
+                               "batch_size": self.batch_size}
+        if self.dp is not None:
+            out["dp"] = self.dp.to_dict()
+        return out
+
+
 def _bad_recipe(message: str) -> PlanError:
     return PlanError("bad_recipe", message)
+
+
+def _shown(key: object) -> str:
+    """A peer's key, fit to quote back in an error message."""
+    return key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "?"
 
 
 def _choice(recipe: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
@@ -195,16 +255,21 @@ def _integer(recipe: Mapping[str, Any], key: str, default: int, lo: int, hi: int
     return value
 
 
-def _validate_dp(dp: object) -> DpSpec:
+def _dp_section(dp: object, keys: frozenset[str], bound: str,
+                refused: Mapping[str, str]) -> tuple[float | None, float | None, float, float]:
+    """Check a ``dp`` section with the keys ``keys``, of which ``bound`` and ``delta`` are required; return
+    ``(noise_multiplier, target_epsilon, bound, delta)``, exactly one of the first two set. ``refused`` maps keys that
+    belong to the other kind of recipe to the message that says so."""
     if not isinstance(dp, Mapping):
         raise _bad_recipe("dp must be a map")
     for key in dp:
-        if not isinstance(key, str) or key not in _DP_KEYS:
-            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "?"
-            raise _bad_recipe(f"unknown dp key {shown!r}")
+        if isinstance(key, str) and key in refused:
+            raise _bad_recipe(refused[key])
+        if not isinstance(key, str) or key not in keys:
+            raise _bad_recipe(f"unknown dp key {_shown(key)!r}")
     if ("noise_multiplier" in dp) == ("target_epsilon" in dp):
         raise _bad_recipe("dp needs exactly one of noise_multiplier and target_epsilon")
-    for key in ("max_grad_norm", "delta"):
+    for key in (bound, "delta"):
         if key not in dp:
             raise _bad_recipe(f"dp.{key} is required")
 
@@ -219,12 +284,63 @@ def _validate_dp(dp: object) -> DpSpec:
         noise = number("noise_multiplier", *DP_NOISE_RANGE, lo_open=False)
     else:
         target = number("target_epsilon", 0.0, 100.0, lo_open=True)
-    return DpSpec(max_grad_norm=number("max_grad_norm", 0.0, 100.0, lo_open=True),
-                  delta=number("delta", 0.0, 1e-3, lo_open=True), noise_multiplier=noise, target_epsilon=target)
+    return noise, target, number(bound, 0.0, 100.0, lo_open=True), number("delta", 0.0, 1e-3, lo_open=True)
 
 
-def validate_recipe(recipe: object) -> Recipe:
-    """Check a recipe against the vocabulary and fill its defaults.
+def _validate_dp(dp: object) -> DpSpec:
+    noise, target, max_grad_norm, delta = _dp_section(dp, _DP_KEYS, "max_grad_norm", {})
+    return DpSpec(max_grad_norm=max_grad_norm, delta=delta, noise_multiplier=noise, target_epsilon=target)
+
+
+def _validate_eval_dp(dp: object) -> EvalDpSpec:
+    refused = {"max_grad_norm": "dp.max_grad_norm is for training; an evaluate recipe bounds each example's loss "
+                                "with dp.max_loss instead"}
+    noise, target, max_loss, delta = _dp_section(dp, _EVAL_DP_KEYS, "max_loss", refused)
+    return EvalDpSpec(max_loss=max_loss, delta=delta, noise_multiplier=noise, target_epsilon=target)
+
+
+def _task_and_loss(recipe: Mapping[str, Any]) -> tuple[str, str]:
+    task = _choice(recipe, "task", _TASKS, "classification")
+    loss = _choice(recipe, "loss", _LOSSES, "cross_entropy" if task == "classification" else "mse")
+    if loss == "cross_entropy" and task != "classification":
+        raise _bad_recipe("loss cross_entropy needs task classification")
+    return task, loss
+
+
+def _metrics(recipe: Mapping[str, Any], vocabulary: tuple[str, ...], default: tuple[str, ...],
+             classification: bool) -> tuple[str, ...]:
+    """The recipe's metrics, in vocabulary order."""
+    metrics = recipe.get("metrics", list(default))
+    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) and m in vocabulary for m in metrics):
+        raise _bad_recipe(f"metrics must be a list drawn from {', '.join(vocabulary)}")
+    if len(set(metrics)) != len(metrics):
+        raise _bad_recipe("metrics must not repeat")
+    for metric in ("accuracy", "confusion"):
+        if metric in metrics and not classification:
+            raise _bad_recipe(f"metric {metric} needs task classification")
+    return tuple(m for m in vocabulary if m in metrics)
+
+
+def _validate_evaluate(recipe: Mapping[str, Any]) -> EvalRecipe:
+    for key in recipe:
+        if key not in _EVAL_KEYS:
+            raise _bad_recipe(f"{key} is a training key; an evaluate recipe takes only {', '.join(_EVAL_KEYS)}")
+    task, loss = _task_and_loss(recipe)
+    classification = task == "classification"
+    batch_size = _integer(recipe, "batch_size", 32, 1, 65536)
+    metrics = _metrics(recipe, _EVAL_METRICS, _EVAL_METRICS if classification else ("loss",), classification)
+    if not metrics:
+        raise _bad_recipe("metrics must name at least one metric to evaluate")
+    dp = _validate_eval_dp(recipe["dp"]) if "dp" in recipe else None
+    return EvalRecipe(task=task, loss=loss, batch_size=batch_size, metrics=metrics, dp=dp)
+
+
+def validate_recipe(recipe: object) -> Recipe | EvalRecipe:
+    """Check a recipe against the vocabulary and fill its defaults: a :class:`Recipe` for ``kind`` ``"train"`` (the
+    default), an :class:`EvalRecipe` for ``"evaluate"``.
+
+    Under ``dp`` a training recipe releases nothing computed on private rows but the weights: ``eval_fraction`` must
+    be 0 and ``metrics`` empty (both their defaults there); an evaluate job measures a model with noise instead.
 
     Raises:
         PlanError: code ``"bad_recipe"``, naming the offending key.
@@ -233,13 +349,11 @@ def validate_recipe(recipe: object) -> Recipe:
         raise _bad_recipe("recipe must be a map")
     for key in recipe:
         if not isinstance(key, str) or key not in _RECIPE_KEYS:
-            shown = key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else "?"
-            raise _bad_recipe(f"unknown recipe key {shown!r}")
-    task = _choice(recipe, "task", _TASKS, "classification")
+            raise _bad_recipe(f"unknown recipe key {_shown(key)!r}")
+    if _choice(recipe, "kind", _KINDS, "train") == "evaluate":
+        return _validate_evaluate(recipe)
+    task, loss = _task_and_loss(recipe)
     classification = task == "classification"
-    loss = _choice(recipe, "loss", _LOSSES, "cross_entropy" if classification else "mse")
-    if loss == "cross_entropy" and not classification:
-        raise _bad_recipe("loss cross_entropy needs task classification")
     optimizer = _choice(recipe, "optimizer", _OPTIMIZERS, "adam")
     lr = _number(recipe, "lr", 1e-3, 0.0, 10.0, lo_open=True)
     momentum = _number(recipe, "momentum", 0.0, 0.0, 1.0, hi_open=True)
@@ -248,20 +362,18 @@ def validate_recipe(recipe: object) -> Recipe:
     weight_decay = _number(recipe, "weight_decay", 0.0, 0.0, 1.0)
     epochs = _integer(recipe, "epochs", 1, 1, 1000)
     batch_size = _integer(recipe, "batch_size", 32, 1, 65536)
-    default_metrics = ["accuracy", "loss"] if classification else ["loss"]
-    metrics = recipe.get("metrics", default_metrics)
-    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, str) and m in _METRICS for m in metrics):
-        raise _bad_recipe(f"metrics must be a list drawn from {', '.join(_METRICS)}")
-    if len(set(metrics)) != len(metrics):
-        raise _bad_recipe("metrics must not repeat")
-    if "accuracy" in metrics and not classification:
-        raise _bad_recipe("metric accuracy needs task classification")
-    eval_fraction = _number(recipe, "eval_fraction", 0.2, 0.0, 0.9)
-    seed = _integer(recipe, "seed", 0, 0, 2**31 - 1)
     dp = _validate_dp(recipe["dp"]) if "dp" in recipe else None
+    default_metrics: tuple[str, ...] = () if dp else ("accuracy", "loss") if classification else ("loss",)
+    metrics = _metrics(recipe, _METRICS, default_metrics, classification)
+    eval_fraction = _number(recipe, "eval_fraction", 0.0 if dp else 0.2, 0.0, 0.9)
+    if dp is not None and eval_fraction:
+        raise _bad_recipe(_DP_EVAL_FRACTION)
+    if dp is not None and metrics:
+        raise _bad_recipe("metrics must be empty under dp: evaluating on private rows is an evaluate job of its own, "
+                          "charged to the budget")
+    seed = _integer(recipe, "seed", 0, 0, 2**31 - 1)
     return Recipe(task=task, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                  epochs=epochs, batch_size=batch_size, metrics=tuple(m for m in _METRICS if m in metrics),
-                  eval_fraction=eval_fraction, seed=seed, dp=dp)
+                  epochs=epochs, batch_size=batch_size, metrics=metrics, eval_fraction=eval_fraction, seed=seed, dp=dp)
 
 
 # -- program audit (pure Python) --------------------------------------------------------------------------------------

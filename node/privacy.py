@@ -1,4 +1,5 @@
-"""Privacy accounting for DP-SGD jobs: how much epsilon a recipe spends, computed before the job runs.
+"""Privacy accounting for DP jobs (DP-SGD training and noisy evaluation): how much epsilon a recipe spends, computed
+before the job runs.
 
 Theory of operation
 -------------------
@@ -6,7 +7,8 @@ Pure Python plus ``dp_accounting`` (Google's accountant library): no torch impor
 before it starts a Worker. No RDP formula is written here; :func:`epsilon_spent` only describes the mechanism to
 ``dp_accounting.rdp.RdpAccountant`` as events.
 
-The mechanism the accountant is told about, and that ``worker.py`` runs exactly:
+DP-SGD (a training recipe with ``dp``), the mechanism the accountant is told about and that ``worker.py`` runs
+exactly:
 
 - **Adjacency**: add/remove one example (``NeighboringRelation.ADD_OR_REMOVE_ONE``): a dataset and the same dataset
   with one training example more or less.
@@ -24,20 +26,51 @@ The mechanism the accountant is told about, and that ``worker.py`` runs exactly:
 
 The ``steps`` events are composed with ``SelfComposedDpEvent`` and converted to (epsilon, delta) at the standard RDP
 orders ``dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS`` (1.1 .. 10.9 by 0.1, 11 .. 63, 128, 256, 512,
-1024). Only the trained weights are covered: metrics computed on private rows without noise (evaluation accuracy and
-loss) are not, and are the business of whoever releases them.
+1024). The trained weights are all such a job releases: its recipe has ``eval_fraction`` 0 and no metrics, so no
+accuracy or loss computed on private rows leaves the node without noise (the per-epoch training loss is kept from the
+scientist too).
+
+Evaluation (an evaluate recipe with ``dp``; :func:`eval_dp_plan`), the Gaussian mechanism on one query:
+
+- **Adjacency**: add/remove one example, as above.
+- **Query**: the model (eval mode, no gradients) runs on *every* row. Each example falls in exactly one *cell* and
+  adds its clipped loss ``min(loss_i, L) / L`` (``L`` the recipe's ``max_loss``; a non-finite loss counts as ``L``)
+  to a loss term. The cells are the confusion counts ``C[true][pred]`` (k x k) when the recipe asks for ``confusion``,
+  else (correct, wrong) for classification and the single count ``n`` for regression. The released vector is (cells,
+  loss term): one example moves one cell by 1 and the loss term by at most 1, so its L2 sensitivity is ``sqrt(2)``.
+- **Noise**: ``N(0, (sigma * sqrt(2))^2)`` on every coordinate, from operating-system randomness; with sensitivity
+  ``sqrt(2)`` that is ``GaussianDpEvent(sigma)``, one event, at the same orders and adjacency as DP-SGD
+  (:func:`eval_epsilon`).
+- **Post-processing** (free): noisy ``n`` = the sum of the noisy cells (at least 1), accuracy = noisy correct / ``n``
+  clamped to [0, 1], loss = noisy loss term * ``L`` / ``n`` clamped to [0, ``L``], confusion counts as noisy floats.
+  The noise does not depend on the number of rows, so the error of accuracy and loss falls as ``1 / n``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hivecell.node.plan import DP_NOISE_RANGE, PlanError, validate_recipe
 
-__all__ = ["RDP_ORDERS", "DpPlan", "dp_plan", "epsilon_spent", "noise_for_epsilon", "train_samples", "price_job"]
+__all__ = [
+    "EVAL_SENSITIVITY",
+    "RDP_ORDERS",
+    "DpPlan",
+    "EvalDpPlan",
+    "dp_plan",
+    "epsilon_spent",
+    "eval_dp_plan",
+    "eval_epsilon",
+    "eval_noise_for_epsilon",
+    "noise_for_epsilon",
+    "price_job",
+    "search_noise",
+    "train_samples",
+]
 
 
 def _rdp_orders() -> tuple[float, ...]:
@@ -47,6 +80,7 @@ def _rdp_orders() -> tuple[float, ...]:
 
 
 RDP_ORDERS: tuple[float, ...] = _rdp_orders()
+EVAL_SENSITIVITY = math.sqrt(2.0)  # L2 sensitivity of the evaluate query (module docstring)
 
 
 def _bad_recipe(message: str) -> PlanError:
@@ -77,17 +111,38 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps
     )
-    accountant = RdpAccountant(list(RDP_ORDERS), dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return _rdp_epsilon(event, delta)
+
+
+def eval_epsilon(*, noise_multiplier: float, delta: float) -> float:
+    """The epsilon one evaluate query spends at ``delta``: a single Gaussian mechanism whose noise is
+    ``noise_multiplier`` times the query's L2 sensitivity (add/remove adjacency; see the module docstring).
+
+    Raises:
+        ValueError: noise <= 0 or delta outside (0, 1).
+    """
+    import dp_accounting
+
+    _check(noise_multiplier, 1.0, 1, delta)
+    return _rdp_epsilon(dp_accounting.GaussianDpEvent(noise_multiplier), delta)
+
+
+def _rdp_epsilon(event: Any, delta: float) -> float:
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant(list(RDP_ORDERS), NeighboringRelation.ADD_OR_REMOVE_ONE)
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
 
 
-def noise_for_epsilon(*, target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
-    """The smallest noise multiplier in the recipe's range whose :func:`epsilon_spent` is at most ``target_epsilon``.
+def search_noise(target_epsilon: float, epsilon_of: Callable[[float], float], *, setting: str = "") -> float:
+    """The smallest noise multiplier in the recipe's range whose ``epsilon_of(sigma)`` is at most ``target_epsilon``;
+    ``epsilon_of`` must fall as sigma grows.
 
-    Bisection on ``log(sigma)`` over ``[0.1, 100]`` (epsilon falls as sigma grows) to a relative width of 1e-4; the
-    upper end of the final bracket is returned, so the job never spends more than the target. If even sigma = 0.1
-    fits, 0.1 is returned (the job then spends less than the target).
+    Bisection on ``log(sigma)`` over ``[0.1, 100]`` to a relative width of 1e-4; the upper end of the final bracket is
+    returned, so the job never spends more than the target. If even sigma = 0.1 fits, 0.1 is returned (the job then
+    spends less than the target). ``setting`` ends the error message (e.g. "at this sample rate").
 
     Raises:
         PlanError: ``"bad_recipe"`` if the target cannot be met even with the largest noise multiplier (100).
@@ -96,22 +151,48 @@ def noise_for_epsilon(*, target_epsilon: float, sample_rate: float, steps: int, 
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError("target_epsilon must be a positive number")
     lo, hi = DP_NOISE_RANGE
-
-    def eps(sigma: float) -> float:
-        return epsilon_spent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
-
-    if eps(hi) > target_epsilon:
-        raise _bad_recipe(f"dp target_epsilon {target_epsilon:g} cannot be reached with noise_multiplier <= {hi:g} "
-                          f"at this sample rate and number of steps")
-    if eps(lo) <= target_epsilon:
+    if epsilon_of(hi) > target_epsilon:
+        raise _bad_recipe(f"dp target_epsilon {target_epsilon:g} cannot be reached with noise_multiplier <= {hi:g}"
+                          + (f" {setting}" if setting else ""))
+    if epsilon_of(lo) <= target_epsilon:
         return lo
     while hi / lo > 1 + 1e-4:
         mid = math.sqrt(lo * hi)
-        if eps(mid) <= target_epsilon:
+        if epsilon_of(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
     return hi
+
+
+# Memoized (pure, and a search costs seconds): the daemon prices a job and its Worker derives the same noise again.
+@functools.lru_cache(maxsize=256)
+def noise_for_epsilon(*, target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier (see :func:`search_noise`) whose :func:`epsilon_spent` is at most
+    ``target_epsilon``.
+
+    Raises:
+        PlanError: ``"bad_recipe"`` if the target cannot be met even with the largest noise multiplier (100).
+        ValueError: a parameter outside its domain.
+    """
+    return search_noise(
+        target_epsilon,
+        lambda sigma: epsilon_spent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta),
+        setting="at this sample rate and number of steps",
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def eval_noise_for_epsilon(*, target_epsilon: float, delta: float) -> float:
+    """The smallest noise multiplier (see :func:`search_noise`) whose :func:`eval_epsilon` is at most
+    ``target_epsilon``.
+
+    Raises:
+        PlanError: ``"bad_recipe"`` if the target cannot be met even with the largest noise multiplier (100).
+        ValueError: a parameter outside its domain.
+    """
+    return search_noise(target_epsilon, lambda sigma: eval_epsilon(noise_multiplier=sigma, delta=delta),
+                        setting="at this delta")
 
 
 def train_samples(n_samples: int, eval_fraction: float) -> int:
@@ -146,6 +227,8 @@ def dp_plan(recipe: Mapping[str, Any], num_train_samples: int) -> DpPlan:
             ``dp`` section, its batch size exceeds the training rows, or its target epsilon cannot be reached.
     """
     checked = validate_recipe(recipe)
+    if checked.kind != "train":
+        raise _bad_recipe("dp_plan prices training recipes; see eval_dp_plan")
     if checked.dp is None:
         raise _bad_recipe("recipe has no dp section")
     if isinstance(num_train_samples, bool) or not isinstance(num_train_samples, int) or num_train_samples < 1:
@@ -166,15 +249,54 @@ def dp_plan(recipe: Mapping[str, Any], num_train_samples: int) -> DpPlan:
                   clip_norm=dp.max_grad_norm, expected_batch_size=sample_rate * num_train_samples)
 
 
-def price_job(recipe: Mapping[str, Any], num_samples: int) -> tuple[float, float]:
-    """The (epsilon, delta) a job with this normalized ``recipe`` spends on a dataset of ``num_samples`` rows, computed
-    before it runs with the numbers the Worker will use. A job without differential privacy costs ``(inf, 0)``: no
-    bound on what its result reveals.
+@dataclass(frozen=True)
+class EvalDpPlan:
+    """What a DP evaluate job will add and spend: noise of standard deviation ``noise_std`` on every coordinate."""
+
+    noise_multiplier: float
+    delta: float
+    epsilon: float
+    max_loss: float
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * EVAL_SENSITIVITY
+
+
+def eval_dp_plan(recipe: Mapping[str, Any]) -> EvalDpPlan:
+    """Price an evaluate recipe with a ``dp`` section. It does not depend on the number of rows.
 
     Raises:
-        PlanError: ``"bad_recipe"``: the node cannot price it (see :func:`dp_plan`).
+        PlanError: ``"bad_recipe"``: the recipe is refused, is not an evaluate recipe with ``dp``, or its target
+            epsilon cannot be reached.
     """
-    if not recipe.get("dp"):
+    checked = validate_recipe(recipe)
+    if checked.kind != "evaluate" or checked.dp is None:
+        raise _bad_recipe("eval_dp_plan prices evaluate recipes with a dp section")
+    dp = checked.dp
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        assert dp.target_epsilon is not None  # validate_recipe guarantees exactly one
+        sigma = eval_noise_for_epsilon(target_epsilon=dp.target_epsilon, delta=dp.delta)
+    return EvalDpPlan(noise_multiplier=sigma, delta=dp.delta, epsilon=eval_epsilon(noise_multiplier=sigma,
+                                                                                    delta=dp.delta),
+                      max_loss=dp.max_loss)
+
+
+def price_job(recipe: Mapping[str, Any], num_samples: int) -> tuple[float, float]:
+    """The (epsilon, delta) a job with this normalized ``recipe`` spends on a dataset of ``num_samples`` rows, computed
+    before it runs with the numbers the Worker will use. A job without differential privacy (training or evaluate)
+    costs ``(inf, 0)``: no bound on what its result reveals.
+
+    Raises:
+        PlanError: ``"bad_recipe"``: the node cannot price it (see :func:`dp_plan` and :func:`eval_dp_plan`).
+    """
+    checked = validate_recipe(recipe)
+    if checked.dp is None:
         return math.inf, 0.0
-    plan = dp_plan(recipe, train_samples(num_samples, recipe["eval_fraction"]))
+    if checked.kind == "evaluate":
+        evaluation = eval_dp_plan(recipe)
+        return evaluation.epsilon, evaluation.delta
+    plan = dp_plan(recipe, train_samples(num_samples, checked.eval_fraction))
     return plan.epsilon, plan.delta

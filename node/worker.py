@@ -1,4 +1,4 @@
-"""The Worker: one fresh interpreter per job, run as ``python -m hivecell.node.worker``.
+"""The Worker: a fresh interpreter per job (or per federation), run as ``python -m hivecell.node.worker``.
 
 Theory of operation
 -------------------
@@ -12,10 +12,15 @@ big-endian length followed by one canonical msgpack map whose ``"t"`` field name
     worker -> pool  {"t": "accepted", "job_id": str}      (at once, before the job touches anything)
     worker -> pool  {"t": "progress", "epoch": int, "epochs": int, "loss": float, "seconds": float}   (per epoch)
     worker -> pool  {"t": "result", "weights": bytes, "metrics": map, "timings": {"load_s", "train_s", "eval_s"}}
+                    (an evaluate job trains nothing: empty weights, no progress frames, no train_s)
     worker -> pool  {"t": "error", "code": "bad_plan"|"bad_data"|"memory"|"error", "message": str}
 
-After ``result`` the worker exits 0; after ``error`` it exits 1. A worker that reads EOF instead of a job (the pool is
-closing, a warm spare is no longer wanted) exits 0 without a word.
+After ``result`` the worker waits for the next frame: another ``job`` runs the same way (``accepted``, progress,
+``result`` or ``error``), EOF makes it exit 0 without a word. That is how every worker ends: a warm spare the pool
+no longer wants, a one-job worker (the pool closes its stdin right after the job frame, so it exits 0 after its
+result) and a worker the pool kept for a federation's next round (its stdin stays open; the pool sends only jobs of
+the same scientist, dataset and program, see ``workerpool.py``, and kills it when it idles). After ``error`` the
+worker exits 1 at once: a process whose job failed never runs another.
 
 Isolation, in order:
 
@@ -25,6 +30,10 @@ Isolation, in order:
 2. on the job, before any job data is touched: ``RLIMIT_DATA`` (see :func:`_apply_limits` for why not
    ``RLIMIT_AS``), ``RLIMIT_CPU``, ``torch.set_num_threads``;
 3. once the dataset is copied out of LMDB: ``RLIMIT_FSIZE`` 0 (the job has no reason to write a file).
+
+A later job in the same process applies its limits again; they can only stay or go down (``_set_limit`` never raises
+one, and ``RLIMIT_FSIZE`` is 0 from the first job on). Between jobs the worker drops the finished job's objects and
+returns freed heap to the kernel (:func:`_release_memory`).
 
 The real stdout descriptor is kept for frames only; fd 1 and ``sys.stdout`` point at stderr so a stray ``print`` in a
 library cannot corrupt the stream. Nothing derived from the data other than the trained weights and aggregate metrics
@@ -294,10 +303,26 @@ def _secret_generator() -> Any:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def _per_sample_grad_fn(module: Any, loss_fn: Any) -> Any:
-    """``f(params, x, y) -> (grads, losses)``: per-example gradients of ``loss_fn`` with ``torch.func`` (vmap of grad
-    of a ``functional_call`` on one example at a time). Buffers are passed as they are; ``_run_dp`` refuses programs
-    that have any, since batch statistics would mix examples."""
+def _per_sample_grad_fn(module: Any, loss_fn: Any, sample_shape: tuple[int, ...]) -> Any:
+    """``f(params, x, y) -> (grads, losses)``: each example's gradient of ``loss_fn`` on that example alone.
+
+    ``grads`` maps parameter names to ``[batch, *shape]`` per-example gradients (a trainable parameter the program
+    never reaches may be missing: its gradient is zero), ``losses`` is ``[batch]``. Build it once per job: the
+    row-wise path (:class:`_RowwisePerSample`: one batched forward and backward, per-example weight gradients in the
+    backward) is used when the program provably computes row ``i`` of its output from input row ``i`` alone, for
+    ``sample_shape`` inputs; otherwise the general path, ``torch.func`` (vmap of grad of a ``functional_call`` on one
+    example at a time). Both give the same gradients up to float rounding.
+    """
+    try:
+        return _RowwisePerSample(module, loss_fn, sample_shape)
+    except _NotRowwise:
+        pass
+    return _vmap_per_sample_grad_fn(module, loss_fn)
+
+
+def _vmap_per_sample_grad_fn(module: Any, loss_fn: Any) -> Any:
+    """The general path of :func:`_per_sample_grad_fn`: vmap of grad, correct for any program. Buffers are passed as
+    they are; ``_run_dp`` refuses programs that have any, since batch statistics would mix examples."""
     from torch.func import functional_call, grad, vmap
 
     buffers = dict(module.named_buffers())
@@ -309,27 +334,436 @@ def _per_sample_grad_fn(module: Any, loss_fn: Any) -> Any:
     return vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
 
-def clipped_grad_sum(module: Any, loss_fn: Any, x: Any, y: Any, max_grad_norm: float) -> tuple[dict[str, Any], Any]:
+class _NotRowwise(Exception):
+    """The program is not one the row-wise path can prove per-example; the vmap path takes it."""
+
+
+# The row-wise path's vocabulary (aten ``name.overload``). A value is "row-wise" when it is a tensor whose dimension 0
+# is the batch, whose row i depends on input row i only, and whose other dimensions do not depend on the batch size;
+# every op below keeps that when its arguments have the stated form, and anything else sends the program to vmap.
+_ROW_ELEMENTWISE = frozenset({  # argument 0 row-wise, every other argument a constant
+    "relu.default", "gelu.default", "silu.default", "sigmoid.default", "tanh.default", "leaky_relu.default",
+    "hardtanh.default", "elu.default", "softplus.default", "neg.default", "exp.default", "log.default",
+    "sqrt.default", "rsqrt.default", "clone.default", "contiguous.default", "alias.default", "detach.default",
+    "dropout.default", "pow.Tensor_Scalar", "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar",
+})
+_ROW_BINARY = frozenset({  # both operands row-wise of the same rank, or the second a number
+    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "pow.Tensor_Tensor",
+})
+_ROW_DIMS = {  # these dimension arguments (a non-empty list where a list) must not name dimension 0
+    "softmax.int": ("dim",), "log_softmax.int": ("dim",), "_softmax.default": ("dim",),
+    "_log_softmax.default": ("dim",), "squeeze.dim": ("dim",), "squeeze.dims": ("dim",), "select.int": ("dim",),
+    "slice.Tensor": ("dim",), "transpose.int": ("dim0", "dim1"), "flatten.using_ints": ("start_dim", "end_dim"),
+    "mean.dim": ("dim",), "sum.dim_IntList": ("dim",), "amax.default": ("dim",),
+}
+_ROW_POOL_RANK = {  # pooling over trailing dimensions of [B, C, L] or [B, C, H, W] only
+    "max_pool1d.default": 3, "avg_pool1d.default": 3, "adaptive_avg_pool1d.default": 3,
+    "max_pool2d.default": 4, "avg_pool2d.default": 4, "adaptive_avg_pool2d.default": 4,
+    "_adaptive_avg_pool2d.default": 4,
+}
+_ROW_RESHAPE = frozenset({"view.default", "reshape.default", "_unsafe_view.default"})  # size[0] is the batch size
+_ROW_PARAM_OPS = frozenset({"linear.default", "conv2d.default", "convolution.default", "layer_norm.default"})
+
+
+def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An aten overload's arguments by name, defaults filled in from its schema."""
+    positional = list(args)
+    bound: dict[str, Any] = {}
+    for arg in target._schema.arguments:
+        if positional and not arg.kwarg_only:
+            bound[arg.name] = positional.pop(0)
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            raise _NotRowwise
+    if positional or set(kwargs) - set(bound):
+        raise _NotRowwise
+    return bound
+
+
+def _dims(value: Any, rank: int) -> list[int]:
+    """Dimension arguments normalized to ``[0, rank)``; an empty list (reduce everything) or a bad one is refused."""
+    dims = [value] if isinstance(value, int) else value
+    if not isinstance(dims, (list, tuple)) or not dims:
+        raise _NotRowwise
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not -rank <= d < rank:
+            raise _NotRowwise
+        out.append(d % rank)
+    return out
+
+
+def _pair(value: Any) -> list[int]:
+    return list(value) * 2 if len(value) == 1 else list(value)
+
+
+class _RowwisePerSample:
+    """Per-example gradients from one batched forward and one backward of the exported program.
+
+    Exact for programs where output row ``i`` depends on input row ``i`` alone, not on other rows, nor on the batch
+    size. That is proved op by op from the graph (never from metadata or a batch size: the verdict must not depend on
+    the Poisson draw) by the rules in ``_ROW_*``; ranks come from one probe run on two zero examples. Any doubt raises
+    :class:`_NotRowwise`. The program is copied with each parameterized op (linear, 2-d convolution, layer norm)
+    replaced by an autograd function that, in the backward, records ``[batch, *weight]`` per-example gradients (the
+    closed forms Opacus uses) instead of their sum. Per-example losses come from ``vmap(loss_fn)`` on the output
+    rows, so any loss is taken one example at a time.
+    """
+
+    def __init__(self, module: Any, loss_fn: Any, sample_shape: tuple[int, ...]) -> None:
+        from torch.func import vmap
+
+        try:
+            self._build(module, tuple(sample_shape))
+        except (_NotRowwise, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001 - a probe that fails for any reason: the general path decides
+            raise _NotRowwise from None
+
+        def one(output: Any, target: Any) -> Any:
+            return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
+
+        self._losses = vmap(one, randomness="different")
+
+    def _build(self, module: Any, sample_shape: tuple[int, ...]) -> None:
+        import operator
+
+        import torch
+        import torch.fx as fx
+
+        params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        sym_targets = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                       operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                       operator.getitem, torch.sym_max, torch.sym_min, torch.sym_float, torch.sym_int, torch.sym_not}
+        const_types = (bool, int, float, str, type(None), torch.dtype, torch.layout, torch.device, torch.memory_format)
+        graph = fx.Graph()
+        x_in, anchor, tape = graph.placeholder("x"), graph.placeholder("anchor"), graph.placeholder("tape")
+        env: dict[Any, Any] = {}
+        param_inputs: dict[str, Any] = {}
+        kind: dict[Any, str] = {}  # "row" | "bsize" (the batch size) | "const" | "param"
+        probe: dict[Any, Any] = {}  # values on two zero examples, for ranks
+        self._names: list[str] = []
+
+        def kind_of(a: Any) -> str:
+            if isinstance(a, fx.Node):
+                return kind[a]
+            if isinstance(a, (list, tuple, dict)):
+                return "const" if all(kind_of(v) == "const" for v in (a.values() if isinstance(a, dict) else a)) \
+                    else "mixed"
+            return "const" if isinstance(a, const_types) else "mixed"
+
+        def value(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: probe[n])
+
+        def rank(a: Any) -> int:
+            return value(a).dim()
+
+        def ints(a: Any) -> bool:  # plain integers, baked into a recorder
+            return isinstance(a, (list, tuple)) and all(type(v) is int for v in a)
+
+        def check(node: Any) -> str:
+            target = node.target
+            if target in sym_targets:  # arithmetic on sizes: never on the batch size
+                if kind_of(node.args) != "const" or kind_of(node.kwargs) != "const":
+                    raise _NotRowwise
+                return "const"
+            if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+                raise _NotRowwise
+            op = f"{target._schema.name.split('::', 1)[1]}.{target._overloadname}"
+            bound = _bind(target, node.args, node.kwargs)
+            first_name = target._schema.arguments[0].name
+            first = bound.pop(first_name)
+            if first_name == "tensors":  # cat, stack
+                if op not in ("cat.default", "stack.default") or not isinstance(first, (list, tuple)) or not first:
+                    raise _NotRowwise
+                if any(kind_of(t) != "row" for t in first) or len({rank(t) for t in first}) != 1:
+                    raise _NotRowwise
+                if kind_of(bound) != "const" or 0 in _dims(bound["dim"], rank(first[0]) + (op == "stack.default")):
+                    raise _NotRowwise
+                return "row"
+            if kind_of(first) != "row":
+                raise _NotRowwise
+            r = rank(first)
+            if op in _ROW_PARAM_OPS:
+                return check_param_op(op, bound, r)
+            if op == "sym_size.int":
+                return "bsize" if _dims(bound["dim"], r) == [0] else "const"
+            if op in _ROW_BINARY:
+                key = "exponent" if op == "pow.Tensor_Tensor" else "other"
+                other = bound.pop(key)
+                if kind_of(other) == "row":
+                    if rank(other) != r:
+                        raise _NotRowwise
+                elif kind_of(other) != "const" or not isinstance(value(other), (bool, int, float)):
+                    raise _NotRowwise
+            if op in _ROW_RESHAPE:
+                size = bound.pop("size" if "size" in bound else "shape")
+                if not isinstance(size, (list, tuple)) or not size or kind_of(size[0]) != "bsize":
+                    raise _NotRowwise
+                if kind_of(list(size[1:])) != "const":
+                    raise _NotRowwise
+            if kind_of(bound) != "const":
+                raise _NotRowwise
+            if op in _ROW_ELEMENTWISE or op in _ROW_BINARY or op in _ROW_RESHAPE:
+                return "row"
+            if op in _ROW_DIMS:
+                if any(0 in _dims(bound[key], r) for key in _ROW_DIMS[op]):
+                    raise _NotRowwise
+                return "row"
+            if op == "unsqueeze.default":
+                if _dims(bound["dim"], r + 1) == [0]:
+                    raise _NotRowwise
+                return "row"
+            if op == "permute.default":
+                if _dims(bound["dims"], r)[0] != 0:
+                    raise _NotRowwise
+                return "row"
+            if op in _ROW_POOL_RANK and r == _ROW_POOL_RANK[op]:
+                return "row"
+            raise _NotRowwise
+
+        def check_param_op(op: str, bound: dict[str, Any], r: int) -> str:
+            weight, bias = bound.pop("weight"), bound.pop("bias")
+            if kind_of(bound) != "const":
+                raise _NotRowwise
+            if op == "layer_norm.default":
+                normalized = bound["normalized_shape"]
+                if not isinstance(normalized, (list, tuple)) or not 0 < len(normalized) < r or not ints(normalized):
+                    raise _NotRowwise
+                if weight is None and bias is None:
+                    return "row"
+                for p in (weight, bias):
+                    if p is not None and (kind_of(p) != "param" or list(value(p).shape) != list(normalized)):
+                        raise _NotRowwise
+                return "param_op"
+            if kind_of(weight) != "param" or not (bias is None or kind_of(bias) == "param"):
+                raise _NotRowwise
+            if bias is not None and value(bias).dim() != 1:
+                raise _NotRowwise
+            if op == "linear.default":
+                if r < 2 or value(weight).dim() != 2:
+                    raise _NotRowwise
+                return "param_op"
+            if r != 4 or value(weight).dim() != 4 or bound["groups"] != 1:
+                raise _NotRowwise
+            if op == "convolution.default" and (bound["transposed"] or len(bound["stride"]) != 2):
+                raise _NotRowwise
+            if any(not ints(bound[k]) or len(bound[k]) not in (1, 2) for k in ("stride", "padding", "dilation")):
+                raise _NotRowwise
+            return "param_op"
+
+        placeholders = 0
+        for node in module.graph.nodes:
+            if node.op == "placeholder":
+                placeholders += 1
+                kind[node], env[node], probe[node] = "row", x_in, torch.zeros((2, *sample_shape))
+            elif node.op == "get_attr":
+                if node.target not in params:
+                    raise _NotRowwise
+                if node.target not in param_inputs:
+                    self._names.append(node.target)
+                    param_inputs[node.target] = graph.placeholder(f"param_{len(self._names)}")
+                kind[node], env[node], probe[node] = "param", param_inputs[node.target], params[node.target].detach()
+            elif node.op == "call_function":
+                kind[node] = check(node)
+                if kind[node] == "param_op":
+                    kind[node] = "row"
+                    env[node] = graph.call_function(*self._recorder(node, anchor, tape, env))
+                else:
+                    env[node] = graph.node_copy(node, lambda n: env[n])
+                with torch.no_grad():
+                    probe[node] = node.target(*value(node.args), **value(node.kwargs))
+                if kind[node] == "row" and not (isinstance(probe[node], torch.Tensor) and probe[node].dim() >= 1
+                                                and probe[node].shape[0] == 2):
+                    raise _NotRowwise
+            elif node.op == "output":
+                (flat,) = node.args
+                if not isinstance(flat, (list, tuple)) or len(flat) != 1 or kind_of(flat[0]) != "row":
+                    raise _NotRowwise
+                graph.output((env[flat[0]],))
+            else:
+                raise _NotRowwise
+        if placeholders != 1 or not self._names:
+            raise _NotRowwise
+        self._gm = fx.GraphModule(torch.nn.Module(), graph)
+        self._process_outputs = module.graph.process_outputs  # what the module's own forward returns
+
+    def _recorder(self, node: Any, anchor: Any, tape: Any, env: dict[Any, Any]) -> tuple[Any, tuple[Any, ...]]:
+        """``(target, args)`` of the node that replaces a parameterized op."""
+        bound = _bind(node.target, node.args, node.kwargs)
+        weight, bias = bound["weight"], bound["bias"]
+        names = (None if weight is None else weight.target, None if bias is None else bias.target)
+        inputs = (env[bound["input"]], None if weight is None else env[weight], None if bias is None else env[bias])
+        functions = _rowwise_functions()
+        if node.target._schema.name == "aten::linear":
+            def linear(anchor: Any, tape: Any, x: Any, weight: Any, bias: Any) -> Any:
+                return functions["linear"].apply(anchor, tape, names, x, weight, bias)
+
+            return linear, (anchor, tape, *inputs)
+        if node.target._schema.name == "aten::layer_norm":
+            normalized, eps = list(bound["normalized_shape"]), float(bound["eps"])
+
+            def layer_norm(anchor: Any, tape: Any, x: Any, weight: Any, bias: Any) -> Any:
+                return functions["layer_norm"].apply(anchor, tape, names, x, weight, bias, normalized, eps)
+
+            return layer_norm, (anchor, tape, *inputs)
+        conv = tuple(_pair(bound[k]) for k in ("stride", "padding", "dilation"))
+
+        def conv2d(anchor: Any, tape: Any, x: Any, weight: Any, bias: Any) -> Any:
+            return functions["conv2d"].apply(anchor, tape, names, x, weight, bias, conv)
+
+        return conv2d, (anchor, tape, *inputs)
+
+    def __call__(self, params: dict[str, Any], x: Any, y: Any) -> tuple[dict[str, Any], Any]:
+        import torch
+
+        anchor = torch.zeros((), requires_grad=True)
+        tape: dict[str, Any] = {}
+        output = self._process_outputs(self._gm(x, anchor, tape, *(params[name] for name in self._names)))
+        losses = self._losses(output, y)
+        total = losses.sum()
+        if total.requires_grad:
+            torch.autograd.grad(total, anchor, allow_unused=True)  # fills the tape
+        return tape, losses.detach()
+
+
+_ROWWISE_FUNCTIONS: dict[str, Any] = {}
+
+
+def _rowwise_functions() -> dict[str, Any]:
+    """The autograd functions of :class:`_RowwisePerSample` (built on first use: this module imports torch late).
+
+    Each takes ``(anchor, tape, names, x, weight, bias, ...)``: ``anchor`` is a scalar leaf that makes every one of
+    them part of the backward (its gradient stays ``None``), ``tape`` a dict that receives ``{parameter name: [batch, *shape]}`` per-example
+    gradients (added up where a parameter is used twice). The batched weight gradient is never computed.
+    """
+    if _ROWWISE_FUNCTIONS:
+        return _ROWWISE_FUNCTIONS
+    import torch
+    import torch.nn.functional as F
+
+    def record(tape: dict[str, Any], name: str | None, grad: Any) -> None:
+        if name is not None:
+            tape[name] = tape[name] + grad if name in tape else grad
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, anchor: Any, tape: Any, names: Any, x: Any, weight: Any, bias: Any) -> Any:
+            ctx.save_for_backward(x, weight)
+            ctx.tape, ctx.names = tape, names
+            return torch.ops.aten.linear.default(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            x, weight = ctx.saved_tensors
+            grad_x = grad.matmul(weight) if ctx.needs_input_grad[3] else None
+            if x.dim() == 2:  # g_i = grad_i^T x_i
+                record(ctx.tape, ctx.names[0], grad.unsqueeze(2) * x.unsqueeze(1))
+                record(ctx.tape, ctx.names[1], grad)
+            else:  # summed over the positions of each example
+                g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+                record(ctx.tape, ctx.names[0], torch.bmm(g.transpose(1, 2), x.reshape(x.shape[0], -1, x.shape[-1])))
+                record(ctx.tape, ctx.names[1], g.sum(1))
+            return None, None, None, grad_x, None, None
+
+    class Conv2d(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, anchor: Any, tape: Any, names: Any, x: Any, weight: Any, bias: Any, conv: Any) -> Any:
+            ctx.save_for_backward(x, weight)
+            ctx.tape, ctx.names, ctx.conv = tape, names, conv
+            stride, padding, dilation = conv
+            return torch.ops.aten.conv2d.default(x, weight, bias, stride, padding, dilation, 1)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            x, weight = ctx.saved_tensors
+            stride, padding, dilation = ctx.conv
+            grad_x = None
+            if ctx.needs_input_grad[3]:
+                grad_x = torch.ops.aten.convolution_backward.default(
+                    grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
+            batch = x.shape[0]
+            g = grad.reshape(batch, grad.shape[1], -1)  # [B, out, L]
+            columns = F.unfold(x, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)  # [B, in*k, L]
+            record(ctx.tape, ctx.names[0], torch.bmm(g, columns.transpose(1, 2)).view(batch, *weight.shape))
+            record(ctx.tape, ctx.names[1], g.sum(2))
+            return None, None, None, grad_x, None, None, None
+
+    class LayerNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, anchor: Any, tape: Any, names: Any, x: Any, weight: Any, bias: Any, normalized: Any,
+                    eps: float) -> Any:
+            out, mean, rstd = torch.ops.aten.native_layer_norm.default(x, normalized, weight, bias, eps)
+            ctx.save_for_backward(x, weight, bias, mean, rstd)
+            ctx.tape, ctx.names, ctx.normalized = tape, names, normalized
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            x, weight, bias, mean, rstd = ctx.saved_tensors
+            grad_x = None
+            if ctx.needs_input_grad[3]:
+                grad_x = torch.ops.aten.native_layer_norm_backward.default(
+                    grad, x, ctx.normalized, mean, rstd, weight, bias, [True, False, False])[0]
+            inner = tuple(range(1, x.dim() - len(ctx.normalized)))  # positions within an example
+            if ctx.names[0] is not None:
+                g = grad * ((x - mean) * rstd)
+                record(ctx.tape, ctx.names[0], g.sum(inner) if inner else g)
+            if ctx.names[1] is not None:
+                record(ctx.tape, ctx.names[1], grad.sum(inner) if inner else grad)
+            return None, None, None, grad_x, None, None, None, None
+
+    _ROWWISE_FUNCTIONS.update(linear=Linear, conv2d=Conv2d, layer_norm=LayerNorm)
+    return _ROWWISE_FUNCTIONS
+
+
+def _clip_and_sum(grads: dict[str, Any], like: dict[str, Any], max_grad_norm: float) -> dict[str, Any]:
+    """``sum_i min(1, C / (||g_i|| + 1e-6)) g_i`` over per-example gradients, the norm over all of ``like``'s
+    parameters together (one flattened ``[batch, n_params]`` matrix; a missing parameter's gradient is zero)."""
+    import torch
+
+    present = [name for name in like if name in grads]
+    out = {name: torch.zeros_like(p) for name, p in like.items() if name not in grads}
+    if not present:
+        return out
+    batch = grads[present[0]].shape[0]
+    flat = torch.cat([grads[name].reshape(batch, -1) for name in present], dim=1)
+    scale = (max_grad_norm / (torch.linalg.vector_norm(flat, dim=1) + 1e-6)).clamp(max=1.0)
+    summed = scale @ flat
+    offset = 0
+    for name in present:
+        size = like[name].numel()
+        out[name] = summed[offset : offset + size].view(like[name].shape)
+        offset += size
+    return out
+
+
+def clipped_grad_sum(module: Any, loss_fn: Any, x: Any, y: Any, max_grad_norm: float, *,
+                     grad_fn: Any = None) -> tuple[dict[str, Any], Any]:
     """Sum over the examples of ``(x, y)`` of each example's gradient clipped to L2 norm ``max_grad_norm``.
 
     The norm is taken over all trainable parameters together (one flat vector per example), and each gradient is
-    scaled by ``min(1, C / (norm + 1e-6))`` as in Abadi et al. 2016 and Opacus. Returns ``({name: summed grad},
-    per-example losses)``; an empty batch gives zeros.
+    scaled by ``min(1, C / (norm + 1e-6))`` as in Abadi et al. 2016 and Opacus. ``grad_fn`` is
+    :func:`_per_sample_grad_fn` for this module and loss (built here when not given; a training loop builds it once).
+    Returns ``({name: summed grad}, per-example losses)``; an empty batch gives zeros.
     """
     import torch
 
     params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    if x.shape[0] == 0:
+        return {name: torch.zeros_like(p) for name, p in params.items()}, torch.zeros(0)
+    if grad_fn is None:
+        grad_fn = _per_sample_grad_fn(module, loss_fn, tuple(x.shape[1:]))
+    total: dict[str, Any] | None = None
     losses = []
-    fn = _per_sample_grad_fn(module, loss_fn)
     for start in range(0, x.shape[0], _DP_CHUNK):
-        grads, loss = fn(params, x[start : start + _DP_CHUNK], y[start : start + _DP_CHUNK])
-        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values()))
-        scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for name, g in grads.items():
-            total[name] += torch.einsum("b,b...->...", scale, g)
+        grads, loss = grad_fn(params, x[start : start + _DP_CHUNK], y[start : start + _DP_CHUNK])
+        summed = _clip_and_sum(grads, params, max_grad_norm)
+        total = summed if total is None else {name: total[name] + summed[name] for name in params}
         losses.append(loss)
-    return total, torch.cat(losses) if losses else torch.zeros(0)
+    return total, torch.cat(losses)
 
 
 def _run_dp(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer: Any, x_train: Any,
@@ -357,12 +791,14 @@ def _run_dp(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer
     std = plan.noise_multiplier * plan.clip_norm
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     assert steps_per_epoch * recipe.epochs == plan.steps  # the accountant priced exactly these steps
+    grad_fn = _per_sample_grad_fn(module, loss_fn, tuple(x_train.shape[1:]))  # once: the row-wise path compiles
     for epoch in range(1, recipe.epochs + 1):
         epoch_start = time.monotonic()
         total, seen = 0.0, 0
         for _ in range(steps_per_epoch):
             batch = (torch.rand(n_train, generator=secret) < plan.sample_rate).nonzero().squeeze(1)
-            summed, losses = clipped_grad_sum(module, loss_fn, x_train[batch], y_train[batch], plan.clip_norm)
+            summed, losses = clipped_grad_sum(module, loss_fn, x_train[batch], y_train[batch], plan.clip_norm,
+                                              grad_fn=grad_fn)
             if losses.numel() and not torch.isfinite(losses).all():
                 raise JobError("error", "training diverged (non-finite loss)")
             for name, p in params.items():
@@ -381,6 +817,7 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save
 
     from hivecell.node.plan import PlanError, load_program, program_input_shape, to_eval_module, validate_recipe
+    from hivecell.node.privacy import dp_plan
 
     limits = job.get("limits")
     if not isinstance(limits, dict):
@@ -408,8 +845,6 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     if len(expected) != len(sample_shape) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
         raise JobError("bad_data", "the model's input shape does not match the dataset's sample shape")
     received = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    train_idx, eval_idx = _split(features.shape[0], recipe.eval_fraction, recipe.seed)
-    torch.manual_seed(recipe.seed)  # dropout masks
     n_classes = None
     if recipe.task == "classification":
         with torch.no_grad():  # on an eval copy: a probe must not move batch-norm statistics
@@ -419,6 +854,10 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         n_classes = int(probe.shape[1])
         if int(labels.max()) >= n_classes:
             raise JobError("bad_data", "labels exceed the model's number of classes")
+    if recipe.kind == "evaluate":
+        return _run_evaluate(recipe, module, features, labels, n_classes, load_s=time.monotonic() - t0)
+    train_idx, eval_idx = _split(features.shape[0], recipe.eval_fraction, recipe.seed)
+    torch.manual_seed(recipe.seed)  # dropout masks
     loss_fn = _make_loss(recipe, n_classes)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = _make_optimizer(recipe, params)
@@ -432,9 +871,32 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         dp_metrics: dict[str, Any] = {}
     else:
         dp_metrics = _run_dp(channel, recipe, module, loss_fn, optimizer, x_train, y_train)
+        # the noise the job ran with (a target_epsilon search is memoized, so this costs nothing more)
+        dp_metrics = {"noise_multiplier": dp_plan(recipe.to_dict(), int(n_train)).noise_multiplier, **dp_metrics}
     train_s = time.monotonic() - t1
 
     t2 = time.monotonic()
+    metrics: dict[str, Any] = {"train_samples": int(n_train), "eval_samples": int(eval_idx.numel()),
+                               "epochs": recipe.epochs}
+    if recipe.dp is None:  # a DP job releases nothing computed on private rows but its noisy weights
+        metrics.update(_evaluate_trained(recipe, module, loss_fn, features, labels, train_idx, eval_idx))
+    metrics.update(dp_metrics)
+    eval_s = time.monotonic() - t2
+
+    state = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
+    if {name: tuple(t.shape) for name, t in state.items()} != received:  # pragma: no cover - a torch regression
+        raise JobError("error", "trained weights lost their names")
+    return {"t": "result", "weights": save(state), "metrics": metrics,
+            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s}}
+
+
+def _evaluate_trained(recipe: Any, module: Any, loss_fn: Any, features: Any, labels: Any, train_idx: Any,
+                      eval_idx: Any) -> dict[str, Any]:
+    """A non-DP training job's exact metrics on its held-out rows (on its training rows if it held none out)."""
+    import torch
+
+    from hivecell.node.plan import to_eval_module
+
     evaluated_on = "eval" if eval_idx.numel() else "train"
     idx = eval_idx if eval_idx.numel() else train_idx
     evaluator = to_eval_module(module)
@@ -446,20 +908,116 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
             total_loss += float(loss_fn(output, labels[batch])) * batch.shape[0]
             if recipe.task == "classification":
                 correct += int((output.argmax(dim=1) == labels[batch]).sum())
-    metrics: dict[str, Any] = {"train_samples": int(n_train), "eval_samples": int(eval_idx.numel()),
-                               "epochs": recipe.epochs, "evaluated_on": evaluated_on}
+    metrics: dict[str, Any] = {"evaluated_on": evaluated_on}
     if "accuracy" in recipe.metrics:
         metrics["accuracy"] = correct / idx.numel()
     if "loss" in recipe.metrics:
         metrics["loss"] = total_loss / idx.numel()
-    metrics.update(dp_metrics)
-    eval_s = time.monotonic() - t2
+    return metrics
 
-    state = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
-    if {name: tuple(t.shape) for name, t in state.items()} != received:  # pragma: no cover - a torch regression
-        raise JobError("error", "trained weights lost their names")
-    return {"t": "result", "weights": save(state), "metrics": metrics,
-            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s}}
+
+# -- evaluate jobs ----------------------------------------------------------------------------------------------------
+
+_CONFUSION_MAX_CLASSES = 1000  # a k x k confusion matrix is released and noised cell by cell
+
+
+def _example_losses(recipe: Any, output: Any, target: Any, n_classes: int | None) -> Any:
+    """Per-example losses ``[batch]``: their mean is what :func:`_make_loss` computes for the batch."""
+    import torch.nn.functional as F
+
+    if recipe.task == "classification":
+        if recipe.loss == "cross_entropy":
+            return F.cross_entropy(output, target, reduction="none")
+        target = F.one_hot(target, n_classes).to(output.dtype)
+    elif output.dim() == target.dim() + 1 and output.shape[-1] == 1:
+        output = output.squeeze(-1)
+    if output.shape != target.shape:
+        raise JobError("bad_data", "model output does not match the labels' shape")
+    err = F.mse_loss(output, target, reduction="none") if recipe.loss == "mse" else F.l1_loss(output, target,
+                                                                                              reduction="none")
+    return err.reshape(err.shape[0], -1).mean(dim=1)
+
+
+def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classes: int | None, *,
+                  load_s: float) -> dict[str, Any]:
+    """An evaluate job: the model (eval mode, no gradients) on every row; no weights leave the node.
+
+    Without ``dp`` the metrics are exact. With it, the Gaussian mechanism of ``privacy.py``: every example lands in
+    one cell (confusion ``C[true][pred]`` if asked for, else (correct, wrong), or the count for regression) and adds
+    ``min(loss, L) / L`` to a loss term; noise ``N(0, (sigma * sqrt(2))^2)`` from the secret generator goes on every
+    coordinate, and the metrics are post-processed from the noisy vector only.
+    """
+    import torch
+
+    from hivecell.node.plan import PlanError, to_eval_module
+    from hivecell.node.privacy import eval_dp_plan
+
+    t0 = time.monotonic()
+    plan = None
+    if recipe.dp is not None:
+        try:
+            plan = eval_dp_plan(recipe.to_dict())
+        except PlanError as exc:
+            raise JobError("bad_plan", exc.message) from None
+    classification = recipe.task == "classification"
+    confusion = classification and "confusion" in recipe.metrics
+    if confusion and n_classes > _CONFUSION_MAX_CLASSES:
+        raise JobError("bad_plan", f"metric confusion needs a model with at most {_CONFUSION_MAX_CLASSES} classes")
+    n_cells = n_classes * n_classes if confusion else 2 if classification else 1
+    cells = torch.zeros(n_cells, dtype=torch.float64)
+    loss_term = torch.zeros((), dtype=torch.float64)
+    evaluator = to_eval_module(module)
+    n = int(features.shape[0])
+    with torch.no_grad():
+        for start in range(0, n, recipe.batch_size):
+            x, y = features[start : start + recipe.batch_size], labels[start : start + recipe.batch_size]
+            output = evaluator(x)
+            losses = _example_losses(recipe, output, y, n_classes).to(torch.float64)
+            if plan is not None:  # each example adds at most 1: a NaN or inf counts as max_loss
+                bound = plan.max_loss
+                losses = torch.nan_to_num(losses, nan=bound, posinf=bound, neginf=bound).clamp(0.0, bound) / bound
+            loss_term += losses.sum()
+            if confusion:
+                cell = y * n_classes + output.argmax(dim=1)
+                cells += torch.bincount(cell, minlength=n_cells).to(torch.float64)
+            elif classification:
+                correct = int((output.argmax(dim=1) == y).sum())
+                cells += torch.tensor([correct, y.shape[0] - correct], dtype=torch.float64)
+            else:
+                cells[0] += y.shape[0]
+
+    metrics: dict[str, Any] = {"evaluated_on": "all"}
+    if plan is None:
+        total = float(loss_term) / n
+        if "loss" in recipe.metrics and not math.isfinite(total):
+            raise JobError("error", "the model's loss is not finite on this dataset")
+        metrics["samples"] = n
+        correct_count = float(cells.reshape(n_classes, n_classes).trace()) if confusion else float(cells[0])
+        if "accuracy" in recipe.metrics:
+            metrics["accuracy"] = correct_count / n
+        if "loss" in recipe.metrics:
+            metrics["loss"] = total
+        if confusion:
+            metrics["confusion"] = cells.reshape(n_classes, n_classes).to(torch.int64).tolist()
+    else:
+        secret = _secret_generator()
+        noisy = cells + torch.normal(0.0, plan.noise_std, size=cells.shape, generator=secret, dtype=torch.float64)
+        noisy_loss = float(loss_term + torch.normal(0.0, plan.noise_std, size=(), generator=secret,
+                                                     dtype=torch.float64))
+        # post-processing of the noisy vector alone from here on
+        n_hat = max(1.0, float(noisy.sum()))
+        metrics["samples"] = round(n_hat, 2)
+        correct_hat = float(noisy.reshape(n_classes, n_classes).trace()) if confusion else float(noisy[0])
+        if "accuracy" in recipe.metrics:
+            metrics["accuracy"] = min(1.0, max(0.0, correct_hat / n_hat))
+        if "loss" in recipe.metrics:
+            metrics["loss"] = min(plan.max_loss, max(0.0, noisy_loss * plan.max_loss / n_hat))
+        if confusion:
+            metrics["confusion"] = [[round(v, 2) for v in row] for row in noisy.reshape(n_classes, n_classes).tolist()]
+        metrics.update(epsilon=plan.epsilon, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                       max_loss=plan.max_loss)
+    return {"t": "result", "weights": b"", "metrics": metrics,
+            "timings": {"load_s": load_s, "eval_s": time.monotonic() - t0}}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -505,27 +1063,43 @@ def main() -> NoReturn:
         startup_s = time.time() - started
     channel.send({"t": "ready", "pid": os.getpid(), "startup_s": startup_s, "isolation": {"network": network}})
 
-    try:
-        job = channel.read(cap=JOB_FRAME_CAP)
-        if job is None:
-            os._exit(0)  # the pool no longer wants this spare
-        if job.get("t") != "job":
-            raise JobError("error", "expected a job")
-        channel.send({"t": "accepted", "job_id": job.get("job_id") if isinstance(job.get("job_id"), str) else ""})
-        reply = _run_job(channel, job)
-    except JobError as exc:
-        _fail(channel, exc.code, exc.message)
-    except BaseException as exc:  # noqa: BLE001 - the worker reports every failure as a code, never as text
-        if _is_out_of_memory(exc):
+    while True:  # one job per frame until EOF; a failed job ends the process (_fail exits)
+        try:
+            job = channel.read(cap=JOB_FRAME_CAP)
+            if job is None:
+                sys.stderr.flush()
+                os._exit(0)  # the pool no longer wants this worker
+            if job.get("t") != "job":
+                raise JobError("error", "expected a job")
+            channel.send({"t": "accepted", "job_id": job.get("job_id") if isinstance(job.get("job_id"), str) else ""})
+            reply = _run_job(channel, job)
+        except JobError as exc:
+            _fail(channel, exc.code, exc.message)
+        except BaseException as exc:  # noqa: BLE001 - the worker reports every failure as a code, never as text
+            if _is_out_of_memory(exc):
+                _fail(channel, "memory", "the job ran out of memory")
+            traceback.print_exc(file=sys.stderr)  # local log only
+            _fail(channel, "error", f"the job failed ({type(exc).__name__})")
+        try:
+            channel.send(reply)
+        except MemoryError:
             _fail(channel, "memory", "the job ran out of memory")
-        traceback.print_exc(file=sys.stderr)  # local log only
-        _fail(channel, "error", f"the job failed ({type(exc).__name__})")
+        del job, reply
+        sys.stderr.flush()
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """After a job: collect its objects (reference cycles of the loaded program too) and give the freed heap back to
+    the kernel, so a worker waiting for its next job holds little memory and that job's RSS, which the pool polls
+    against its limit, starts from what the imports left rather than from the previous job's peak."""
+    import gc
+
+    gc.collect()
     try:
-        channel.send(reply)
-    except MemoryError:
-        _fail(channel, "memory", "the job ran out of memory")
-    sys.stderr.flush()
-    os._exit(0)
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory stays with the allocator, which the next job reuses
+        pass
 
 
 def _fail(channel: _Channel, code: str, message: str) -> NoReturn:

@@ -40,6 +40,9 @@ def digits_plan() -> tuple[DigitsCNN, Plan]:
     return model, build_plan(model, digits_example_input(), {"lr": 0.01, "epochs": 3})
 
 
+_DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+
+
 def _doc(plan: Plan) -> dict:
     return json.loads(plan.program)
 
@@ -98,6 +101,9 @@ def test_recipe_defaults_regression_and_full() -> None:
         ({"metrics": "accuracy"}, "metrics"),
         ({"task": "regression", "metrics": ["accuracy"]}, "accuracy"),
         ({"dp": True}, "dp"),
+        ({"eval_fraction": 0.2, "dp": _DP}, "eval_fraction must be 0 under dp"),
+        ({"metrics": ["accuracy"], "dp": _DP}, "metrics must be empty under dp"),
+        ({"kind": "fit"}, "kind"),
     ],
 )
 def test_recipe_refused(recipe: dict, key: str) -> None:
@@ -105,6 +111,14 @@ def test_recipe_refused(recipe: dict, key: str) -> None:
         validate_recipe(recipe)
     assert info.value.code == "bad_recipe"
     assert key in info.value.message
+
+
+def test_dp_training_recipe_evaluates_nothing() -> None:
+    """Under dp every row trains and no metric is computed on private rows (an evaluate job measures the model)."""
+    recipe = validate_recipe({"epochs": 2, "dp": _DP})
+    assert recipe.eval_fraction == 0.0 and recipe.metrics == ()
+    assert validate_recipe({"epochs": 2, "eval_fraction": 0, "metrics": [], "dp": _DP}) == recipe
+    assert validate_recipe({"epochs": 2}).eval_fraction == 0.2  # without dp the default stays
 
 
 def test_recipe_not_a_map() -> None:

@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from hivecell.node.plan import PlanError, build_plan, load_program, plan_hash, validate_recipe
-from hivecell.node.privacy import RDP_ORDERS, dp_plan, epsilon_spent, noise_for_epsilon, train_samples
-from hivecell.node.worker import _make_loss, clipped_grad_sum
+from hivecell.node.plan import PlanError, apply_weights, build_plan, load_program, plan_hash, validate_recipe
+from hivecell.node.privacy import (
+    RDP_ORDERS,
+    dp_plan,
+    epsilon_spent,
+    eval_epsilon,
+    eval_noise_for_epsilon,
+    noise_for_epsilon,
+    search_noise,
+    train_samples,
+)
+from hivecell.node import worker
+from hivecell.node.worker import _make_loss, _per_sample_grad_fn, _RowwisePerSample, clipped_grad_sum
 from hivecell.node.workerpool import WorkerJob, WorkerLimits, open_worker_pool
 from hivecell.node.zoo import DigitsCNN, digits_example_input
 
@@ -61,6 +71,27 @@ def test_epsilon_matches_opacus_on_a_grid() -> None:
     # Opacus' default orders are the systematic difference: at small sigma * q they lose the best order.
     default = _opacus_epsilon(4.0, 0.001, 10, 1e-6, alphas=None)
     assert default > 1.5 * epsilon_spent(noise_multiplier=4.0, sample_rate=0.001, steps=10, delta=1e-6)
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-6, 1e-3])
+def test_eval_epsilon_matches_opacus(delta: float) -> None:
+    """One Gaussian mechanism (an evaluate job): Opacus' sampled Gaussian at sample rate 1 and one step is the plain
+    Gaussian, computed by another implementation."""
+    for sigma in (0.5, 0.8, 1.0, 2.0, 5.0, 10.0, 50.0):
+        ours = eval_epsilon(noise_multiplier=sigma, delta=delta)
+        theirs = _opacus_epsilon(sigma, 1.0, 1, delta, alphas=list(RDP_ORDERS))
+        assert ours == pytest.approx(theirs, rel=0.01), (sigma, delta, ours, theirs)
+    with pytest.raises(ValueError):
+        eval_epsilon(noise_multiplier=0.0, delta=delta)
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 1.0, 3.0, 8.0, 30.0])
+def test_eval_noise_for_epsilon_never_exceeds_the_target(target: float) -> None:
+    sigma = eval_noise_for_epsilon(target_epsilon=target, delta=1e-5)
+    spent = eval_epsilon(noise_multiplier=sigma, delta=1e-5)
+    assert spent <= target
+    assert sigma == 0.1 or spent == pytest.approx(target, rel=1e-3)  # the floor spends less; else the search is tight
+    assert search_noise(target, lambda s: eval_epsilon(noise_multiplier=s, delta=1e-5)) == sigma
 
 
 def test_epsilon_domain_errors() -> None:
@@ -152,33 +183,157 @@ def test_recipe_dp_refused(dp: object, key: str) -> None:
 # -- per-sample clipping ----------------------------------------------------------------------------------------------
 
 
-def test_clipped_grad_sum_matches_a_per_example_loop() -> None:
-    """vmap'ed per-sample gradients on the loaded program, clipped and summed, against one backward per example."""
-    torch.manual_seed(0)
-    plan = build_plan(DigitsCNN(), digits_example_input(), {})
-    module = load_program(plan.program, plan.weights)
-    loss_fn = _make_loss(validate_recipe(plan.recipe), 10)
-    x, y = torch.rand(20, 1, 8, 8) * 3, torch.randint(0, 10, (20,))
-    params = dict(module.named_parameters())
+class _MLP(torch.nn.Module):
+    """Linear, layer norm, a view on the batch size, scalars and log-softmax: all on the row-wise path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.fc1(x)))
+        return torch.log_softmax(self.fc2(h.view(h.size(0), -1) * 2 + 1), dim=1)
+
+
+class _Sequences(torch.nn.Module):
+    """[B, 5, 4] inputs: linear and layer norm over positions, reductions within each example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(4, 8), torch.nn.LayerNorm([5, 8]), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.norm(torch.relu(self.fc1(x))))
+        return h.mean(dim=1) + h.amax(dim=1)
+
+
+class _StridedConv(torch.nn.Module):
+    """Convolutions with stride, dilation and no bias; a layer applied twice (its gradients add up per example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(4, 5, 2, dilation=2)
+        self.fc, self.out = torch.nn.Linear(5, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.conv2(torch.nn.functional.gelu(self.conv1(x))))
+        h = self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        return self.out(torch.tanh(self.out(h)))
+
+
+class _Centered(torch.nn.Module):
+    """Mixes the batch (each row minus the batch mean): only the general path gets per-example gradients right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
+class _Grouped(torch.nn.Module):
+    """A grouped convolution: per-example, but not on the row-wise path (which falls back to vmap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(2, 4, 3, groups=2), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def _clipped_reference(module: torch.nn.Module, loss_fn: object, x: torch.Tensor, y: torch.Tensor,
+                       clip: float | None) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    """The straightforward way: one autograd backward per example, clip it, add it up. ``clip=None``: median norm."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     grads, losses = [], []
-    for i in range(x.shape[0]):  # one plain backward per example
-        module.zero_grad(set_to_none=True)
+    for i in range(x.shape[0]):
         loss = loss_fn(module(x[i : i + 1]), y[i : i + 1])
-        loss.backward()
-        grads.append({name: p.grad.clone() for name, p in params.items()})
+        got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(got, params.values())])
         losses.append(loss.item())
-    norms = [math.sqrt(sum(float(g.pow(2).sum()) for g in grad.values())) for grad in grads]
-    clip = sorted(norms)[len(norms) // 2]  # about half the examples are clipped
-    expected = {name: sum(grad[name] * min(1.0, clip / (norm + 1e-6)) for grad, norm in zip(grads, norms))
-                for name in params}
+    norms = [float(torch.cat([g.flatten() for g in grad]).double().norm()) for grad in grads]
+    if clip is None:
+        clip = sorted(norms)[len(norms) // 2]  # about half the examples are clipped
+    expected = {name: sum(grad[j] * min(1.0, clip / (norm + 1e-6)) for grad, norm in zip(grads, norms))
+                for j, name in enumerate(params)}
+    return expected, losses, [clip]
 
-    summed, per_example_losses = clipped_grad_sum(module, loss_fn, x, y, clip)
-    assert per_example_losses.tolist() == pytest.approx(losses, rel=1e-5)
-    for name in params:
-        torch.testing.assert_close(summed[name], expected[name], rtol=1e-4, atol=1e-6)
 
-    empty, none = clipped_grad_sum(module, loss_fn, x[:0], y[:0], clip)
+@pytest.mark.parametrize(
+    ("model", "example", "n_classes", "rowwise"),
+    [
+        (DigitsCNN, digits_example_input(), 10, True),
+        (_MLP, torch.zeros(4, 6), 3, True),
+        (_Sequences, torch.zeros(4, 5, 4), 3, True),
+        (_StridedConv, torch.zeros(4, 2, 7, 7), 3, True),
+        (_Centered, torch.zeros(4, 6), 3, False),
+        (_Grouped, torch.zeros(4, 2, 4, 4), 3, False),
+    ],
+)
+def test_clipped_grad_sum_matches_a_per_example_loop(model: type, example: torch.Tensor, n_classes: int,
+                                                      rowwise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-example gradients of the loaded program (row-wise or vmap), clipped and summed, against one backward per
+    example; in chunks smaller than the batch."""
+    torch.manual_seed(0)
+    plan = build_plan(model(), example, {})
+    module = load_program(plan.program, plan.weights)
+    loss_fn = _make_loss(validate_recipe(plan.recipe), n_classes)
+    sample_shape = tuple(example.shape[1:])
+    x, y = torch.rand(20, *sample_shape) * 3 - 1, torch.randint(0, n_classes, (20,))
+    grad_fn = _per_sample_grad_fn(module, loss_fn, sample_shape)
+    assert isinstance(grad_fn, _RowwisePerSample) is rowwise
+    expected, losses, (clip,) = _clipped_reference(module, loss_fn, x, y, None)
+
+    monkeypatch.setattr(worker, "_DP_CHUNK", 8)  # chunks of 8, 8 and 4
+    for fn in (grad_fn, None):  # built once by the caller, or by clipped_grad_sum itself
+        summed, per_example_losses = clipped_grad_sum(module, loss_fn, x, y, clip, grad_fn=fn)
+        assert per_example_losses.tolist() == pytest.approx(losses, rel=1e-5)
+        assert set(summed) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(summed[name], expected[name], rtol=1e-5, atol=1e-5)
+
+    empty, none = clipped_grad_sum(module, loss_fn, x[:0], y[:0], clip, grad_fn=grad_fn)
     assert none.numel() == 0 and all(float(g.abs().sum()) == 0 for g in empty.values())
+
+
+class _Mixer(torch.nn.Module):
+    def __init__(self, mix: object) -> None:
+        super().__init__()
+        self.fc, self.mix = torch.nn.Linear(6, 6), mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.fc(x))
+
+
+_MIXERS = {
+    "mean over the batch": lambda h: h - h.mean(0, keepdim=True),
+    "sum of everything": lambda h: h * h.sum(),
+    "softmax over the batch": lambda h: torch.softmax(h, dim=0),
+    "max over the batch": lambda h: h - h.amax(0),
+    "transposed twice": lambda h: h.t().t(),
+    "batch dimension swapped and back": lambda h: h.transpose(0, 1).transpose(0, 1),
+    "reshape across rows": lambda h: h.reshape(-1, 3).reshape(-1, 6),
+    "flatten the batch": lambda h: h.flatten().view(h.shape[0], 6),
+    "new leading dimension": lambda h: h.unsqueeze(0).sum(1),
+    "cat along the batch": lambda h: torch.cat([h, h], dim=0)[: h.shape[0]],
+    "first row to all": lambda h: h + h[0],
+    "times the batch size": lambda h: h * h.shape[0],
+    "row sums broadcast to a batch x batch matrix": lambda h: h.sum(1) + h.sum(1).unsqueeze(1),
+    "permuted through the batch": lambda h: h.unsqueeze(2).permute(1, 0, 2).permute(1, 0, 2).squeeze(2),
+}
+
+
+@pytest.mark.parametrize("name", list(_MIXERS))
+def test_programs_that_mix_examples_take_the_vmap_path(name: str) -> None:
+    """The row-wise path must never take a program whose output row depends on other rows or on the batch size
+    (including ones that happen to undo the mixing: the proof is op by op)."""
+    plan = build_plan(_Mixer(_MIXERS[name]), torch.zeros(4, 6), {})
+    module = load_program(plan.program, plan.weights)
+    grad_fn = _per_sample_grad_fn(module, _make_loss(validate_recipe(plan.recipe), 6), (6,))
+    assert not isinstance(grad_fn, _RowwisePerSample)
 
 
 # -- a real Worker ----------------------------------------------------------------------------------------------------
@@ -193,10 +348,26 @@ async def test_worker_trains_digits_with_dp(digits_store: tuple[Path, str]) -> N
     async with open_worker_pool(warm=0) as pool:
         result = await pool.run_job(WorkerJob("dp-1", str(path), key, plan.program, plan.weights, plan.recipe),
                                     limits=WorkerLimits(wall_s=120, threads=2), on_progress=progress.append)
-    n_train = train_samples(1797, 0.2)
+    n_train = train_samples(1797, plan.recipe["eval_fraction"])
+    assert n_train == 1797  # under dp every row trains; evaluating is a job of its own
     priced = dp_plan(plan.recipe, n_train)
     assert [p["epoch"] for p in progress] == list(range(1, 16))
-    assert result.metrics["train_samples"] == n_train
+    assert result.metrics["train_samples"] == n_train and result.metrics["eval_samples"] == 0
     assert result.metrics["epsilon"] == priced.epsilon and result.metrics["delta"] == 1e-5
+    assert result.metrics["noise_multiplier"] == 1.0
     assert 1 < priced.epsilon < 10
-    assert result.metrics["accuracy"] > 0.6
+    # nothing computed on private rows is released without noise: no accuracy, no loss
+    assert not {"accuracy", "loss", "evaluated_on"} & set(result.metrics)
+    model = DigitsCNN()  # the noisy weights still learnt: checked here, where the data is not private
+    apply_weights(model, result.weights)
+    features, labels = _all_digits()
+    with torch.no_grad():
+        assert (model.eval()(features).argmax(dim=1) == labels).float().mean() > 0.6
+
+
+def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (torch.from_numpy(digits.images / 16.0).float().reshape(-1, 1, 8, 8),
+            torch.from_numpy(digits.target).long())
