@@ -261,7 +261,8 @@ class Daemon:
         limits = WorkerLimits(wall_s=self.config.worker_wall_s, memory_mb=self.config.worker_memory_mb,
                               threads=self.config.worker_threads)
         work = WorkerJob(job_id=job_id, store_path=str(self.store.path), data_key=dataset["data_key"],
-                         program=program, weights=weights, recipe=job["recipe"])
+                         program=program, weights=weights, recipe=job["recipe"],
+                         reuse_key=repr((job["scientist"], job["dataset"], job["program_key"])))
         try:
             result = await self.pool.run_job(work, limits=limits, on_progress=on_progress)
         except WorkerFailed as exc:

@@ -1,4 +1,4 @@
-"""The pool of Worker processes: warm spares, one job per process, limits enforced from the outside.
+"""The pool of Worker processes: warm spares, one job per process (or one federation), limits enforced from outside.
 
 Theory of operation
 -------------------
@@ -18,6 +18,27 @@ pool spin.
 (``trio.fail_after`` then SIGKILL to the group), memory (RSS polled with psutil every 0.5 s, SIGKILL above the limit;
 the worker's own ``RLIMIT_DATA`` is the first line), and a cap on every frame it reads. Every failure becomes
 :class:`WorkerFailed` with a code from a small set and a short reason that is safe to send to a peer.
+
+Reuse within a federation
+-------------------------
+In model-centric federated learning a node runs one job per round for the same federation, and a fresh interpreter
+per job would pay the torch import every round. A job may therefore carry a ``reuse_key``; the daemon builds it from
+(scientist, dataset, program hash). For such a job the pool keeps the worker's stdin open, and once the worker has
+sent its ``result`` (it then waits for another job frame, see ``worker.py``) the pool *parks* it under the key instead
+of letting it exit. The next job with the same key and the same memory and thread limits runs on the parked worker
+(no spare is claimed); anything else claims a spare as before. A parked worker is killed and reaped when it has been
+idle ``reuse_idle_s`` (the federation ended or went idle), when more than ``max_parked`` are parked (the oldest
+goes), or when the pool closes; after ``max_jobs_per_worker`` jobs a worker is let exit instead of being parked.
+Parked workers are not spares: the keeper still holds ``warm`` unclaimed ones, so a federation costs a node at most
+one extra torch import, in its first round.
+
+Why this is safe: the plan is data (an audited graph, no code), and the only state a second job can meet in the
+process is what the first one left there, which came from the same scientist's program on the same dataset; the
+key admits no other job. Each job gets its own wall-time deadline and RSS watcher exactly as a fresh worker would,
+and the worker applies the job's limits again (same values: they only ever go down). A worker is parked only after
+a well-formed ``result``; one whose job failed, timed out, exceeded its memory, broke the protocol or was killed is
+never reused. A job with a CPU-time limit is never run on a parked worker nor parked: ``RLIMIT_CPU`` counts the
+process's whole life, not one job's.
 """
 
 from __future__ import annotations
@@ -69,12 +90,19 @@ class WorkerFailed(Exception):
 
 @dataclass(frozen=True)
 class WorkerJob:
+    """One job for a worker.
+
+    ``reuse_key``: jobs with the same key may run one after another in the same worker process (see the module
+    docstring); ``None`` (the default) gives the job a process of its own that exits after it.
+    """
+
     job_id: str
     store_path: str
     data_key: str
     program: bytes
     weights: bytes
     recipe: dict[str, Any]
+    reuse_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +115,12 @@ class WorkerLimits:
 
 @dataclass(frozen=True)
 class WorkerResult:
+    """A job's trained weights, metrics and timings; ``worker_pid`` is for local logs and tests, never for a peer."""
+
     weights: bytes
     metrics: dict[str, Any]
     timings: dict[str, float]
+    worker_pid: int = 0
 
 
 class _NotAccepted(Exception):
@@ -150,7 +181,12 @@ class _Worker:
     exited: trio.Event = field(default_factory=trio.Event)
 
     ready: bool = False
-    accepted: bool = False
+    accepted: bool = False  # the current job was acknowledged
+    jobs: int = 0  # jobs started on this process
+    # while parked: the key and the (memory_mb, threads) limits of the job it served, and when it is let go
+    reuse_key: str | None = None
+    reuse_limits: tuple[int, int | None] | None = None
+    idle_deadline: float = math.inf
 
     @property
     def alive(self) -> bool:
@@ -173,15 +209,24 @@ class _Worker:
 
 
 class WorkerPool:
-    """Runs jobs in fresh Worker processes. Obtain one with :func:`open_worker_pool`."""
+    """Runs jobs in Worker processes: a fresh one per job, or a parked one for a job with a matching ``reuse_key``.
 
-    def __init__(self, nursery: trio.Nursery, *, warm: int, python: str, max_frame: int, start_timeout: float) -> None:
+    Obtain one with :func:`open_worker_pool`.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, warm: int, python: str, max_frame: int, start_timeout: float,
+                 reuse_idle_s: float, max_parked: int, max_jobs_per_worker: int) -> None:
         self._nursery = nursery
         self._warm = warm
         self._python = python
         self._max_frame = max_frame
         self._start_timeout = start_timeout
+        self._reuse_idle_s = reuse_idle_s
+        self._max_parked = max_parked
+        self._max_jobs_per_worker = max_jobs_per_worker
         self._spares: set[_Worker] = set()  # unclaimed: starting or ready
+        self._parked: list[_Worker] = []  # served a job, wait for the next one with their key; oldest first
+        self._parked_changed = trio.Event()
         self._ready_send, self._ready_recv = trio.open_memory_channel[_Worker](math.inf)
         self._wake = trio.Event()
         self._spares_changed = trio.Event()
@@ -230,6 +275,7 @@ class WorkerPool:
             logger.info("worker failed to start; stderr tail:\n%s", w.stderr_text())
             raise
         finally:
+            self._unpark(w)  # at once: no job may take a worker that is about to die
             w.kill()
             with trio.CancelScope(shield=True):
                 await w.process.wait()
@@ -314,24 +360,75 @@ class WorkerPool:
         self._notify_spares()
         return w
 
+    # -- parked workers ----------------------------------------------------------------------------------------------
+    def _take_parked(self, key: str | None, limits: WorkerLimits) -> _Worker | None:
+        """A live parked worker for ``key`` with the same limits (the most recently parked), now claimed; or None."""
+        if key is None or limits.cpu_s is not None:
+            return None
+        for w in reversed(self._parked):
+            if w.reuse_key == key and w.reuse_limits == (limits.memory_mb, limits.threads) and w.alive:
+                self._unpark(w)
+                w.claimed = True
+                return w
+        return None
+
+    def _park(self, w: _Worker, key: str, limits: WorkerLimits) -> None:
+        """Keep a worker that has just sent a well-formed result for the next job with ``key``."""
+        w.reuse_key, w.reuse_limits = key, (limits.memory_mb, limits.threads)
+        w.idle_deadline = trio.current_time() + self._reuse_idle_s
+        w.claimed = False  # its pipes are the owner task's again: it closes them once the process is gone
+        self._parked.append(w)
+        while len(self._parked) > self._max_parked:
+            oldest = self._parked.pop(0)
+            assert oldest.process is not None
+            logger.debug("worker %d evicted from the parked workers", oldest.process.pid)
+            oldest.kill("evicted")
+        self._parked_changed.set()
+
+    def _unpark(self, w: _Worker) -> None:
+        if w in self._parked:
+            self._parked.remove(w)
+            w.reuse_key, w.reuse_limits, w.idle_deadline = None, None, math.inf
+
+    async def _expire_parked(self) -> None:
+        """Kill each parked worker once it has been idle ``reuse_idle_s``: its federation ended or went idle."""
+        while True:
+            now = trio.current_time()
+            for w in [w for w in self._parked if w.idle_deadline <= now]:
+                self._unpark(w)
+                assert w.process is not None
+                logger.debug("worker %d idle for %gs; letting it go", w.process.pid, self._reuse_idle_s)
+                w.kill("idle")
+            with trio.move_on_at(min((w.idle_deadline for w in self._parked), default=math.inf)):
+                await self._parked_changed.wait()
+            self._parked_changed = trio.Event()
+
     # -- jobs --------------------------------------------------------------------------------------------------------
     async def run_job(
         self, job: WorkerJob, *, limits: WorkerLimits, on_progress: Callable[[dict[str, Any]], Any] | None = None
     ) -> WorkerResult:
-        """Run one job in a fresh worker and return its trained weights, metrics and timings.
+        """Run one job and return its trained weights, metrics and timings.
 
-        ``on_progress`` is called with each progress frame (``epoch``, ``epochs``, ``loss``, ``seconds``); it may be
-        a plain function or return an awaitable.
+        The job runs on a parked worker of its ``reuse_key`` if there is one, else in a fresh worker. The timings
+        add ``worker_wait_s`` (waiting for a worker), ``worker_start_s`` (that worker's start-up; 0 for a parked
+        one) and ``worker_reused`` (1.0 on a parked worker, else 0.0). ``on_progress`` is called with each progress
+        frame (``epoch``, ``epochs``, ``loss``, ``seconds``); it may be a plain function or return an awaitable.
 
         Raises:
             WorkerFailed: the job timed out, ran out of memory, crashed or was refused by the worker.
         """
         t0 = time.monotonic()
         for _ in range(_CLAIM_ATTEMPTS):
-            w = await self._claim()
+            w = self._take_parked(job.reuse_key, limits)
+            reused = w is not None
+            if w is None:
+                w = await self._claim()
+            else:
+                assert w.process is not None
+                logger.debug("job %s runs on parked worker %d", job.job_id, w.process.pid)
             self._running += 1
             try:
-                return await self._run_on(w, job, limits, on_progress, wait_s=time.monotonic() - t0)
+                return await self._run_on(w, job, limits, on_progress, wait_s=time.monotonic() - t0, reused=reused)
             except _NotAccepted:
                 # The worker died before it acknowledged the job (a spare that died a moment before it was claimed):
                 # the job never started, so it is safe to hand it to another worker.
@@ -342,8 +439,15 @@ class WorkerPool:
         raise WorkerFailed("crashed", "no worker accepted the job")
 
     async def _run_on(self, w: _Worker, job: WorkerJob, limits: WorkerLimits,
-                      on_progress: Callable[[dict[str, Any]], Any] | None, *, wait_s: float) -> WorkerResult:
+                      on_progress: Callable[[dict[str, Any]], Any] | None, *, wait_s: float,
+                      reused: bool) -> WorkerResult:
         assert w.process is not None and w.process.stdin is not None and w.reader is not None
+        w.accepted = False
+        w.jobs += 1
+        # A worker that may be parked after this job keeps its stdin and waits for the next job frame; any other
+        # reads EOF after the job and exits, as a one-job worker always did.
+        keep = (job.reuse_key is not None and limits.cpu_s is None and self._max_parked > 0
+                and w.jobs < self._max_jobs_per_worker)
         message = {
             "t": "job",
             "job_id": job.job_id,
@@ -355,6 +459,7 @@ class WorkerPool:
             "limits": {"memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s, "threads": limits.threads},
         }
         outcome: dict[str, Any] | None = None
+        parked = False
         try:
             with trio.fail_after(limits.wall_s):
                 async with trio.open_nursery() as nursery:
@@ -362,25 +467,37 @@ class WorkerPool:
                     body = canonical_packb(message)
                     try:
                         await w.process.stdin.send_all(_HEADER.pack(len(body)) + body)
-                        await w.process.stdin.aclose()
+                        if not keep:
+                            await w.process.stdin.aclose()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # it died; what it said (if anything) is on stdout
                     outcome = await self._read_outcome(w, on_progress)
                     nursery.cancel_scope.cancel()
+                if keep and outcome.get("t") == "result" and w.killed_for is None and w.alive:
+                    try:  # it waits for its next job: the result frame is all there is to check
+                        result = self._result(w, outcome, wait_s, reused=reused, exited=False)
+                    except WorkerFailed:
+                        w.kill("protocol")
+                        raise
+                    self._park(w, job.reuse_key, limits)
+                    parked = True
+                    return result
+                await w.process.stdin.aclose()  # a kept worker that failed exits on its own; EOF for any other
                 await w.exited.wait()
         except trio.TooSlowError:
             w.kill("timeout")
             raise WorkerFailed("timeout", f"the job ran past its wall-time limit of {limits.wall_s:g}s") from None
         finally:
-            if outcome is None or w.killed_for is not None:
-                w.kill()
-            with trio.CancelScope(shield=True):  # never leave one behind; normally it has exited already
-                with trio.move_on_after(5):
+            if not parked:
+                if outcome is None or w.killed_for is not None:
+                    w.kill()
+                with trio.CancelScope(shield=True):  # never leave one behind; normally it has exited already
+                    with trio.move_on_after(5):
+                        await w.exited.wait()
+                    w.kill()
                     await w.exited.wait()
-                w.kill()
-                await w.exited.wait()
-                await _close_pipes(w.process)
-        return self._result(w, outcome, wait_s)
+                    await _close_pipes(w.process)
+        return self._result(w, outcome, wait_s, reused=reused)
 
     async def _read_outcome(self, w: _Worker, on_progress: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
         assert w.reader is not None
@@ -428,7 +545,10 @@ class WorkerPool:
                 return
             await trio.sleep(_RSS_POLL_S)
 
-    def _result(self, w: _Worker, outcome: dict[str, Any] | None, wait_s: float) -> WorkerResult:
+    def _result(self, w: _Worker, outcome: dict[str, Any] | None, wait_s: float, *, reused: bool,
+                exited: bool = True) -> WorkerResult:
+        """The job's result, or the failure it was. ``exited``: a result counts only once the worker has exited 0;
+        otherwise (a worker kept for reuse) the well-formed result frame is enough."""
         assert w.process is not None
         returncode = w.process.returncode
         kind = None if outcome is None else outcome.get("t")
@@ -441,13 +561,14 @@ class WorkerPool:
             code = code if code in _WORKER_CODES else "error"
             logger.info("worker %d failed (%s); stderr tail:\n%s", w.process.pid, code, w.stderr_text())
             raise WorkerFailed(code, _safe_text(outcome.get("message")))
-        if kind == "result" and returncode == 0:
+        if kind == "result" and (returncode == 0 if exited else returncode is None):
             weights, metrics, timings = outcome.get("weights"), outcome.get("metrics"), outcome.get("timings")
             if isinstance(weights, bytes) and isinstance(metrics, dict) and isinstance(timings, dict):
                 clean = {k: float(v) for k, v in timings.items() if isinstance(v, (int, float)) and isinstance(k, str)}
                 clean["worker_wait_s"] = wait_s
-                clean["worker_start_s"] = w.startup_s
-                return WorkerResult(weights=weights, metrics=metrics, timings=clean)
+                clean["worker_start_s"] = 0.0 if reused else w.startup_s
+                clean["worker_reused"] = 1.0 if reused else 0.0
+                return WorkerResult(weights=weights, metrics=metrics, timings=clean, worker_pid=w.process.pid)
         if returncode == -signal.SIGXCPU:  # the worker's soft RLIMIT_CPU
             raise WorkerFailed("timeout", "the job ran past its CPU-time limit")
         logger.info("worker %d crashed (exit %s, %s); stderr tail:\n%s", w.process.pid, returncode, kind,
@@ -472,7 +593,8 @@ def _safe_text(value: object) -> str:
 
 @asynccontextmanager
 async def open_worker_pool(
-    *, warm: int = 1, python: str = sys.executable, max_frame: int = 1 << 30, start_timeout: float = 120.0
+    *, warm: int = 1, python: str = sys.executable, max_frame: int = 1 << 30, start_timeout: float = 120.0,
+    reuse_idle_s: float = 60.0, max_parked: int = 4, max_jobs_per_worker: int = 1000,
 ) -> AsyncIterator[WorkerPool]:
     """Open a pool that keeps ``warm`` ready spares; every worker is killed and reaped when the block exits.
 
@@ -481,11 +603,21 @@ async def open_worker_pool(
         python: the interpreter that runs ``-m hivecell.node.worker``.
         max_frame: cap on any frame read from a worker (the result frame carries the trained weights).
         start_timeout: how long a worker may take to import torch and say it is ready.
+        reuse_idle_s: how long a worker parked for a ``reuse_key`` waits for its next job before it is killed.
+        max_parked: how many parked workers to hold at most, the oldest going first (0: no reuse).
+        max_jobs_per_worker: a worker that has run this many jobs exits instead of being parked again.
+
+    Raises:
+        ValueError: an argument is out of range.
     """
     if warm < 0:
         raise ValueError("warm must be >= 0")
+    if not reuse_idle_s > 0 or max_parked < 0 or max_jobs_per_worker < 1:
+        raise ValueError("reuse_idle_s must be > 0, max_parked >= 0 and max_jobs_per_worker >= 1")
     async with trio.open_nursery() as nursery:
-        pool = WorkerPool(nursery, warm=warm, python=python, max_frame=max_frame, start_timeout=start_timeout)
+        pool = WorkerPool(nursery, warm=warm, python=python, max_frame=max_frame, start_timeout=start_timeout,
+                          reuse_idle_s=reuse_idle_s, max_parked=max_parked, max_jobs_per_worker=max_jobs_per_worker)
+        nursery.start_soon(pool._expire_parked)
         if warm:
             nursery.start_soon(pool._keep_spares)
         try:
