@@ -943,20 +943,115 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
                f"hivecell jobs approve {statement.job_id} --signoff {output}")
 
 
+# -- federate -----------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--node", "nodes", multiple=True, required=True, metavar="MULTIADDR",
+              help="A node to federate over (/ip4/HOST/tcp/PORT/p2p/PEER_ID); repeatable.")
+@click.option("--tag", default="digits", show_default=True, help="Train on each node's first dataset with this tag.")
+@click.option("--model", type=click.Choice(["fed-digits-cnn", "digits-cnn"]), default="fed-digits-cnn",
+              show_default=True, help="A model from the built-in zoo (from Python, any exportable model).")
+@click.option("--rounds", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--min-nodes", type=click.IntRange(1, 10_000), default=2, show_default=True,
+              help="Updates a round needs to be applied.")
+@click.option("--max-nodes", type=click.IntRange(1, 10_000), default=None, help="Participants drawn per round.")
+@click.option("--deadline", "deadline_s", type=click.FloatRange(1, 86_400), default=300, show_default=True,
+              help="Seconds per round; later updates are ignored (stragglers).")
+@click.option("--strategy", type=click.Choice(["fedavg", "fedavgm", "fedprox", "median", "trimmed_mean"]),
+              default="fedavg", show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 1000), default=1, show_default=True, help="Local epochs per round.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(1e-6, 10), default=0.05, show_default=True, help="Local SGD step size.")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Checkpoint every round here; run again with the same directory to resume.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of test accuracy and loss per round.")
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON instead of progress.")
+@click.pass_context
+def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, rounds: int, min_nodes: int,
+             max_nodes: int | None, deadline_s: float, strategy: str, epochs: int, batch_size: int, lr: float,
+             checkpoint_dir: Path | None, plot_file: Path | None, as_json: bool) -> None:
+    """Federate a model over NODES for ROUNDS rounds (FedAvg and friends), measured on digits' public test split.
+
+    Each round is a training job on every node, under that node's own policy and budget; each update is used only
+    after its sign-off verified. Prints a line per round (participants, stragglers, accuracy) or, with --json, the
+    history: round, participants, dropped, seconds, accuracy, loss, epsilon.
+    """
+    import trio
+
+    from hivecell.mesh.host import PeerUnreachable
+
+    from .demo import DemoError, fedavg_digits
+    from .federate import FederationConfig, FederationFailed, federate as run_federation, plot_history, \
+        torch_evaluator
+    from .plan import PlanError, build_plan
+    from .zoo import MODELS, digits_example_input
+
+    if max_nodes is not None and max_nodes < min_nodes:
+        raise CliError("--max-nodes must be at least --min-nodes", ExitCode.USAGE)
+    try:
+        _, (x_test, y_test) = fedavg_digits(1)
+    except DemoError as exc:
+        raise CliError(str(exc), ExitCode.FAILURE) from exc
+    factory = MODELS[model]
+    import torch
+
+    torch.manual_seed(0)
+    try:
+        plan = build_plan(factory(), digits_example_input(), {"optimizer": "sgd", "lr": lr, "epochs": epochs,
+                                                              "batch_size": batch_size, "eval_fraction": 0.0,
+                                                              "metrics": [], "seed": 0})
+    except PlanError as exc:
+        raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+    config = FederationConfig(rounds=rounds, min_nodes=min_nodes, max_nodes=max_nodes, deadline_s=deadline_s,
+                              strategy=strategy, tag=tag)
+
+    def on_round(r: Any) -> None:
+        if as_json:
+            return
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
+        click.echo(f"round {r.round:>3}/{rounds}: {len(r.accepted)}/{len(r.participants)} updates"
+                   + (f", {len(r.stragglers)} stragglers" if r.stragglers else "")
+                   + (f", {len(r.dropped)} dropped" if r.dropped else "")
+                   + ("" if r.applied else " (not applied: too few)")
+                   + f", accuracy {acc}, {r.seconds:.1f} s", err=True)
+
+    try:
+        result = trio.run(lambda: run_federation(list(nodes), plan, config=config,
+                                                 evaluate=torch_evaluator(factory, x_test, y_test),
+                                                 checkpoint_dir=checkpoint_dir, on_round=on_round))
+    except FederationFailed as exc:
+        raise CliError(f"federation failed: {exc}", ExitCode.JOB_FAILED) from exc
+    except (ValueError, PeerUnreachable) as exc:
+        raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
+    if plot_file is not None:
+        plot_history(result.history, plot_file, title=f"{strategy} over {len(nodes)} nodes, {model}")
+    history = [r.to_dict() for r in result.history]
+    if as_json:
+        emit_json({"rounds": len(history), "resumed_from": result.resumed_from,
+                   "final_accuracy": history[-1]["accuracy"] if history else None, "history": history})
+    elif history:
+        click.echo(f"final test accuracy {history[-1]['accuracy']:.3f} after {len(history)} rounds"
+                   + (f"; plot in {plot_file}" if plot_file else ""))
+
+
 # -- demo ---------------------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--nodes", type=click.IntRange(1, 16), default=4, show_default=True, help="Node daemons to start.")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=30, show_default=True, help="Training epochs.")
+@click.option("--rounds", type=click.IntRange(0, 1000), default=5, show_default=True,
+              help="FedAvg rounds of the model-centric part (0: skip it).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the nodes' homes here (default: a temporary folder, removed afterwards).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of progress and a summary.")
 @click.pass_context
-def demo(ctx: click.Context, nodes: int, epochs: int, workdir: Path | None, as_json: bool) -> None:
-    """Start a local mesh of node daemons holding shards of the digits data, train a CNN on one, verify, report."""
+def demo(ctx: click.Context, nodes: int, epochs: int, rounds: int, workdir: Path | None, as_json: bool) -> None:
+    """Start a local mesh of node daemons holding shards of the digits data with epsilon budgets, train a CNN on one
+    with DP-SGD, verify the sign-off (epsilon spent, budget left), ask the node for a noisy evaluation, then federate
+    a model over all of them with FedAvg for a few rounds."""
     from .demo import DemoError, run_demo
 
     try:
-        report = run_demo(nodes=nodes, epochs=epochs, workdir=workdir, quiet=as_json)
+        report = run_demo(nodes=nodes, epochs=epochs, rounds=rounds, workdir=workdir, quiet=as_json)
     except DemoError as exc:
         raise CliError(str(exc), exc.exit_code) from exc
     if as_json:
@@ -967,6 +1062,9 @@ def demo(ctx: click.Context, nodes: int, epochs: int, workdir: Path | None, as_j
         ctx.exit(ExitCode.JOB_FAILED)
     if not report["job"]["signoff_verified"]:
         ctx.exit(ExitCode.UNVERIFIED)
+    if report["federation"] is not None and report["federation"]["status"] != "done":
+        click.echo(f"federation failed: {report['federation'].get('reason', '')}", err=True)
+        ctx.exit(ExitCode.JOB_FAILED)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "digits_example_input"]
+__all__ = ["DigitsCNN", "FedDigitsCNN", "MODELS", "digits_example_input"]
 
 
 class DigitsCNN(nn.Module):
@@ -22,6 +22,26 @@ class DigitsCNN(nn.Module):
         x = self.pool(torch.relu(self.conv1(x)))  # [B, 16, 4, 4]
         x = self.pool(torch.relu(self.conv2(x)))  # [B, 32, 2, 2]
         return self.fc(torch.flatten(x, 1))
+
+
+class FedDigitsCNN(nn.Module):
+    """The CNN of the "fedavg-digits" work (issue 4): Conv(1,32,3,p1)-ReLU-Conv(32,64,3,p1)-ReLU-MaxPool2-Flatten-
+    Linear(1024,128)-ReLU-Linear(128,10), on 8x8 digits in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x)))))  # [B, 64, 4, 4]
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+MODELS = {"digits-cnn": DigitsCNN, "fed-digits-cnn": FedDigitsCNN}  # the CLI's --model choices
 
 
 def digits_example_input(batch: int = 4) -> torch.Tensor:
