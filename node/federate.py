@@ -304,7 +304,10 @@ async def federate(
             done, global_weights, history = loaded
             logger.info("federation: resuming after round %d", done)
     resumed_from = done
-    base = plan.recipe
+    base = dict(plan.recipe)
+    mu = getattr(strategy, "mu", 0.0)
+    if mu:  # FedProx: the proximal term lives in each node's local training
+        base = validate_recipe(dict(base, prox_mu=mu)).to_dict()
 
     async with open_host(identity or Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
         nodes = await _join(host, addresses, base, config.tag)

@@ -102,7 +102,7 @@ _METRICS = ("accuracy", "loss")
 _EVAL_METRICS = ("accuracy", "loss", "confusion")
 _RECIPE_KEYS = frozenset(
     {"kind", "task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
-     "eval_fraction", "seed", "dp"}
+     "eval_fraction", "seed", "dp", "prox_mu"}
 )
 _EVAL_KEYS = ("kind", "task", "loss", "metrics", "batch_size", "dp")  # the rest of _RECIPE_KEYS is about training
 _DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_grad_norm", "delta"})
@@ -177,6 +177,7 @@ class Recipe:
     eval_fraction: float = 0.2
     seed: int = 0
     dp: DpSpec | None = None  # None: no differential privacy
+    prox_mu: float = 0.0  # FedProx's proximal term: mu/2 * ||w - w_start||^2 added to the training loss
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe; ``kind`` never appears (``"train"`` is the default) and ``dp`` only when set, so
@@ -196,6 +197,8 @@ class Recipe:
         }
         if self.dp is not None:
             out["dp"] = self.dp.to_dict()
+        if self.prox_mu:
+            out["prox_mu"] = self.prox_mu
         return out
 
 
@@ -372,8 +375,12 @@ def validate_recipe(recipe: object) -> Recipe | EvalRecipe:
         raise _bad_recipe("metrics must be empty under dp: evaluating on private rows is an evaluate job of its own, "
                           "charged to the budget")
     seed = _integer(recipe, "seed", 0, 0, 2**31 - 1)
+    prox_mu = _number(recipe, "prox_mu", 0.0, 0.0, 10.0)
+    if prox_mu and dp is not None:
+        raise _bad_recipe("prox_mu is not supported under dp yet")
     return Recipe(task=task, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                  epochs=epochs, batch_size=batch_size, metrics=metrics, eval_fraction=eval_fraction, seed=seed, dp=dp)
+                  epochs=epochs, batch_size=batch_size, metrics=metrics, eval_fraction=eval_fraction, seed=seed, dp=dp,
+                  prox_mu=prox_mu)
 
 
 # -- program audit (pure Python) --------------------------------------------------------------------------------------

@@ -266,6 +266,10 @@ def _run_sgd(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimize
 
     shuffle = torch.Generator().manual_seed(recipe.seed + 1)
     n_train = x_train.shape[0]
+    # FedProx (Li et al. 2020): mu/2 * ||w - w_start||^2 keeps a round's local training near the global weights.
+    mu = recipe.prox_mu
+    params = [p for p in module.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if mu else []
     for epoch in range(1, recipe.epochs + 1):
         epoch_start = time.monotonic()
         order = torch.randperm(n_train, generator=shuffle)
@@ -276,7 +280,10 @@ def _run_sgd(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimize
             loss = loss_fn(module(x_train[batch]), y_train[batch])
             if not torch.isfinite(loss):
                 raise JobError("error", "training diverged (non-finite loss)")
-            loss.backward()
+            if mu:
+                (loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))).backward()
+            else:
+                loss.backward()
             optimizer.step()
             total += float(loss.detach()) * batch.shape[0]
             seen += batch.shape[0]

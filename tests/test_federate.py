@@ -278,3 +278,41 @@ def test_fedavg_digits_reaches_the_reference_accuracy(tmp_path):
     assert [r.round for r in history] == list(range(1, 21)) and all(len(r.accepted) == 4 for r in history)
     assert history[-1].accuracy >= 0.88, [round(r.accuracy, 3) for r in history]
     assert history[-1].bytes_sent > 0 and history[-1].bytes_received > 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 11.0, "1", float("nan")])
+def test_prox_mu_is_range_checked(bad):
+    from hivecell.node.plan import PlanError, validate_recipe
+
+    with pytest.raises(PlanError, match="prox_mu"):
+        validate_recipe(dict(RECIPE, prox_mu=bad))
+    with pytest.raises(PlanError, match="prox_mu"):
+        validate_recipe(dict(RECIPE, prox_mu=0.1, dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                                                      "delta": 1e-5}, metrics=[], eval_fraction=0.0))
+    assert "prox_mu" not in validate_recipe(RECIPE).to_dict()  # recipes without it hash as before
+
+
+def test_the_proximal_term_keeps_local_training_near_the_global_weights(digits):
+    """FedProx's mu/2 ||w - w_start||^2, in the Worker's own SGD loop: a large mu moves the weights far less."""
+    import torch
+
+    from hivecell.node.plan import build_plan, load_program, validate_recipe
+    from hivecell.node.worker import _make_loss, _make_optimizer, _run_sgd
+    from hivecell.node.zoo import DigitsCNN, digits_example_input
+
+    class Frames:
+        def send(self, message):
+            pass
+
+    x, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
+    moved = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(0)
+        plan = build_plan(DigitsCNN(), digits_example_input(), dict(RECIPE, epochs=2, prox_mu=mu))
+        recipe = validate_recipe(plan.recipe)
+        module = load_program(plan.program, plan.weights)
+        start = [p.detach().clone() for p in module.parameters()]
+        optimizer = _make_optimizer(recipe, [p for p in module.parameters() if p.requires_grad])
+        _run_sgd(Frames(), recipe, module, _make_loss(recipe, 10), optimizer, x, y)
+        moved[mu] = float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(module.parameters(), start)).sqrt())
+    assert moved[10.0] < 0.5 * moved[0.0], moved
