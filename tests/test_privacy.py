@@ -347,7 +347,7 @@ async def test_worker_trains_digits_with_dp(digits_store: tuple[Path, str]) -> N
     progress: list[dict] = []
     async with open_worker_pool(warm=0) as pool:
         result = await pool.run_job(WorkerJob("dp-1", str(path), key, plan.program, plan.weights, plan.recipe),
-                                    limits=WorkerLimits(wall_s=120, threads=2), on_progress=progress.append)
+                                    limits=WorkerLimits(wall_s=600, threads=2), on_progress=progress.append)
     n_train = train_samples(1797, plan.recipe["eval_fraction"])
     assert n_train == 1797  # under dp every row trains; evaluating is a job of its own
     priced = dp_plan(plan.recipe, n_train)

@@ -43,7 +43,7 @@ async def test_train_digits_with_warm_spares(digits_store: tuple[Path, str], dig
     progress: list[dict] = []
     quick = {**digits_plan.recipe, "epochs": 1}
     async with open_worker_pool(warm=1) as pool:
-        result = await pool.run_job(_job(digits_store, digits_plan), limits=WorkerLimits(wall_s=120, threads=2),
+        result = await pool.run_job(_job(digits_store, digits_plan), limits=WorkerLimits(wall_s=600, threads=2),
                                     on_progress=progress.append)
         assert [p["epoch"] for p in progress] == list(range(1, 16))
         assert all(p["epochs"] == 15 and p["loss"] > 0 for p in progress)
@@ -57,7 +57,7 @@ async def test_train_digits_with_warm_spares(digits_store: tuple[Path, str], dig
         # next job gets it without paying the interpreter + torch start-up.
         await pool.wait_warm()
         second = await pool.run_job(_job(digits_store, digits_plan, recipe=quick, job_id="job-2"),
-                                    limits=WorkerLimits(wall_s=120))
+                                    limits=WorkerLimits(wall_s=600))
         assert second.timings["worker_wait_s"] < second.timings["worker_start_s"]
 
         # A spare that dies while it waits is replaced, and the next job runs on the replacement.
@@ -70,7 +70,7 @@ async def test_train_digits_with_warm_spares(digits_store: tuple[Path, str], dig
         except psutil.NoSuchProcess:
             pass
         third = await pool.run_job(_job(digits_store, digits_plan, recipe=quick, job_id="job-3"),
-                                   limits=WorkerLimits(wall_s=120))
+                                   limits=WorkerLimits(wall_s=600))
         assert third.metrics["epochs"] == 1
         assert spare.pid not in {p.pid for p in _worker_children()}
     assert _worker_children() == []  # the pool killed and reaped its last spare
