@@ -72,7 +72,9 @@ def _state(weights: bytes) -> dict[str, torch.Tensor]:
 
 
 async def test_rounds_of_one_federation_share_a_worker(digits_store: tuple[Path, str], digits_plan: Plan) -> None:
-    async with open_worker_pool(warm=0) as pool:
+    # An idle limit far above any job's time here: on a loaded box the cold "fresh" job below once took longer than
+    # the default 60 s, and the parked worker was (rightly) let go before the last check.
+    async with open_worker_pool(warm=0, reuse_idle_s=3600) as pool:
         first = await pool.run_job(_job(digits_store, digits_plan, key=KEY, job_id="round-1"), limits=LIMITS)
         assert first.timings["worker_reused"] == 0.0 and first.timings["worker_start_s"] > 0
         assert _worker_pids() == {first.worker_pid}  # parked: it waits for the next round
