@@ -643,8 +643,9 @@ def _rowwise_functions() -> dict[str, Any]:
     """The autograd functions of :class:`_RowwisePerSample` (built on first use: this module imports torch late).
 
     Each takes ``(anchor, tape, names, x, weight, bias, ...)``: ``anchor`` is a scalar leaf that makes every one of
-    them part of the backward (its gradient stays ``None``), ``tape`` a dict that receives ``{parameter name: [batch, *shape]}`` per-example
-    gradients (added up where a parameter is used twice). The batched weight gradient is never computed.
+    them part of the backward (its gradient stays ``None``), ``tape`` a dict that receives ``{parameter name:
+    [batch, *shape]}`` per-example gradients (added up where a parameter is used twice). The batched weight gradient
+    is never computed.
     """
     if _ROWWISE_FUNCTIONS:
         return _ROWWISE_FUNCTIONS
