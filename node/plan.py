@@ -112,6 +112,19 @@ _DP_EVAL_FRACTION = ("eval_fraction must be 0 under dp: evaluating on private ro
 DP_NOISE_RANGE = (0.1, 100.0)  # noise multipliers a recipe may state, and noise_for_epsilon searches
 
 
+def _dp_dict(noise: float | None, target: float | None, bound_key: str, bound: float, delta: float
+             ) -> dict[str, Any]:
+    """A ``dp`` section in its normalized form: the noise (or target), then the bound, then delta."""
+    out: dict[str, Any] = {}
+    if noise is not None:
+        out["noise_multiplier"] = noise
+    if target is not None:
+        out["target_epsilon"] = target
+    out[bound_key] = bound
+    out["delta"] = delta
+    return out
+
+
 @dataclass(frozen=True)
 class DpSpec:
     """A recipe's ``dp`` section: exactly one of ``noise_multiplier`` and ``target_epsilon`` is set.
@@ -126,14 +139,7 @@ class DpSpec:
     target_epsilon: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.noise_multiplier is not None:
-            out["noise_multiplier"] = self.noise_multiplier
-        if self.target_epsilon is not None:
-            out["target_epsilon"] = self.target_epsilon
-        out["max_grad_norm"] = self.max_grad_norm
-        out["delta"] = self.delta
-        return out
+        return _dp_dict(self.noise_multiplier, self.target_epsilon, "max_grad_norm", self.max_grad_norm, self.delta)
 
 
 @dataclass(frozen=True)
@@ -150,14 +156,7 @@ class EvalDpSpec:
     target_epsilon: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.noise_multiplier is not None:
-            out["noise_multiplier"] = self.noise_multiplier
-        if self.target_epsilon is not None:
-            out["target_epsilon"] = self.target_epsilon
-        out["max_loss"] = self.max_loss
-        out["delta"] = self.delta
-        return out
+        return _dp_dict(self.noise_multiplier, self.target_epsilon, "max_loss", self.max_loss, self.delta)
 
 
 @dataclass(frozen=True)
