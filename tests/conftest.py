@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,15 @@ from hivecell.node.store import Store
 # One private row of 64 random float32 values in the digits' range: 256 bytes no model, advert or message would
 # contain by chance (any 16 of them in a row are checked).
 CANARY = np.random.default_rng(20261124).uniform(0.05, 0.95, size=(1, 1, 8, 8)).astype(np.float32)
+
+
+def hc(home, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``hivecell --home HOME ARGS`` as a user would; with ``check``, a non-zero exit fails the test."""
+    proc = subprocess.run([sys.executable, "-m", "hivecell.node.cli", "--home", str(home), *args],
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hivecell {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
 
 
 def add_dataset(home: Home, name: str, x: np.ndarray, y: np.ndarray, *, signoff: str = "auto",

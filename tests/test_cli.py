@@ -10,13 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-
-def hc(home, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "hivecell.node.cli", "--home", str(home), *args],
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
-    return proc
+from conftest import hc
 
 
 def test_init_dataset_and_jobs_commands(tmp_path, digits):

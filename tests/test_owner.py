@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +16,7 @@ from hivecell.node.client import Client, ResultRejected
 from hivecell.node.home import Home
 from hivecell.node.localnet import start_daemon
 
-from conftest import DP, add_dataset
+from conftest import DP, add_dataset, hc
 
 NOW = 1_800_000_000.0
 
@@ -85,14 +83,6 @@ def test_delegation_values_are_checked():
         open_delegation(bytes(raw))
 
 
-def _hc(home, *args, check=True):
-    out = subprocess.run([sys.executable, "-m", "hivecell.node.cli", "--home", str(home), *args],
-                         capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"hivecell {' '.join(args)} exited {out.returncode}: {out.stderr}")
-    return out
-
-
 @pytest.mark.slow
 async def test_owner_key_delegation_and_offline_approval(tmp_path, digits, plan_factory):
     """The node signs off what the owner delegated; the rest waits for the owner key, given here or offline."""
@@ -110,16 +100,16 @@ async def test_owner_key_delegation_and_offline_approval(tmp_path, digits, plan_
 
     laptop = tmp_path / "laptop"  # the owner's machine: the key never touches the node
     laptop.mkdir()
-    owner_id = json.loads(_hc(home.path, "owner", "keygen", str(laptop / "owner.key"), "--json").stdout)["owner"]
-    assert _hc(home.path, "owner", "keygen", str(laptop / "owner.key"), check=False).returncode == 4
-    _hc(home.path, "owner", "delegate", "--key", str(laptop / "owner.key"), "--max-epsilon", str(limit),
+    owner_id = json.loads(hc(home.path, "owner", "keygen", str(laptop / "owner.key"), "--json").stdout)["owner"]
+    assert hc(home.path, "owner", "keygen", str(laptop / "owner.key"), check=False).returncode == 4
+    hc(home.path, "owner", "delegate", "--key", str(laptop / "owner.key"), "--max-epsilon", str(limit),
         "--days", "30", "-o", str(laptop / "node.dlg"))
     stranger_key = tmp_path / "stranger.key"
     Identity.generate().save(stranger_key)
 
     daemon = start_daemon(home.path, "--warm-workers", "1")
     try:
-        shown = json.loads(_hc(home.path, "owner", "use", "--delegation", str(laptop / "node.dlg"), "--json").stdout)
+        shown = json.loads(hc(home.path, "owner", "use", "--delegation", str(laptop / "node.dlg"), "--json").stdout)
         assert shown["owner"] == owner_id and shown["delegation_usable"] and shown["delegation"]["max_epsilon"] == limit
         async with Client.connect(daemon.address) as client:
             advert = {d.name: d for d in await client.datasets()}["d"]
@@ -136,10 +126,10 @@ async def test_owner_key_delegation_and_offline_approval(tmp_path, digits, plan_
                 assert "beyond the delegation" in status.reason
 
             # The node key alone cannot release it, and the client would refuse a node-signed "auto" beyond the limit.
-            refused = _hc(home.path, "jobs", "approve", offline, check=False)
+            refused = hc(home.path, "jobs", "approve", offline, check=False)
             assert refused.returncode == 8 and owner_id in refused.stderr
             node_key = home.identity()
-            job = json.loads(_hc(home.path, "jobs", "show", offline, "--json").stdout)
+            job = json.loads(hc(home.path, "jobs", "show", offline, "--json").stdout)
             overreach = sign_signoff(node_key, SignOff(
                 job_id=offline, dataset="d", scientist=client.peer_id, node=node_key.peer_id, plan_hash=big.hash,
                 result_hash=job["result_hash"], epsilon=job["epsilon"], delta=job["delta"], budget_left=None,
@@ -148,21 +138,21 @@ async def test_owner_key_delegation_and_offline_approval(tmp_path, digits, plan_
                 client.verify(offline, b"", overreach)
 
             # Offline: export on the node, sign on the laptop, deliver the signature.
-            _hc(home.path, "jobs", "export", offline, "-o", str(tmp_path / "req.json"))
-            signed = _hc(home.path, "owner", "sign", str(tmp_path / "req.json"), "--key", str(laptop / "owner.key"),
+            hc(home.path, "jobs", "export", offline, "-o", str(tmp_path / "req.json"))
+            signed = hc(home.path, "owner", "sign", str(tmp_path / "req.json"), "--key", str(laptop / "owner.key"),
                          "-o", str(laptop / "approval"))
             assert offline in signed.stdout and "epsilon" in signed.stdout
-            _hc(home.path, "jobs", "approve", offline, "--signoff", str(laptop / "approval"))
+            hc(home.path, "jobs", "approve", offline, "--signoff", str(laptop / "approval"))
             # On the node with the key at hand.
-            _hc(home.path, "jobs", "approve", here, "--owner-key", str(laptop / "owner.key"))
+            hc(home.path, "jobs", "approve", here, "--owner-key", str(laptop / "owner.key"))
             # A signature by another key, and the owner's approval of another job, are refused.
-            _hc(home.path, "jobs", "export", forged, "-o", str(tmp_path / "req2.json"))
-            _hc(home.path, "owner", "sign", str(tmp_path / "req2.json"), "--key", str(stranger_key),
+            hc(home.path, "jobs", "export", forged, "-o", str(tmp_path / "req2.json"))
+            hc(home.path, "owner", "sign", str(tmp_path / "req2.json"), "--key", str(stranger_key),
                 "-o", str(tmp_path / "stranger.approval"))
             for bad in (tmp_path / "stranger.approval", laptop / "approval"):
-                out = _hc(home.path, "jobs", "approve", forged, "--signoff", str(bad), check=False)
+                out = hc(home.path, "jobs", "approve", forged, "--signoff", str(bad), check=False)
                 assert out.returncode == 8 and "does not verify" in out.stderr
-            wrong_key = _hc(home.path, "jobs", "approve", forged, "--owner-key", str(stranger_key), check=False)
+            wrong_key = hc(home.path, "jobs", "approve", forged, "--owner-key", str(stranger_key), check=False)
             assert wrong_key.returncode == 8
 
             for job_id in (offline, here):
@@ -171,20 +161,20 @@ async def test_owner_key_delegation_and_offline_approval(tmp_path, digits, plan_
             assert (await client.status(forged)).state == "awaiting_signoff"
 
         # The ledger charged exactly the released jobs, and still verifies.
-        budget = json.loads(_hc(home.path, "budget", "show", "--json").stdout)["datasets"]["d"]
+        budget = json.loads(hc(home.path, "budget", "show", "--json").stdout)["datasets"]["d"]
         assert budget["spent"] == pytest.approx(eps_small + 2 * eps_big)
         assert budget["reserved"] == pytest.approx(eps_big)  # the forged one still waits
-        assert _hc(home.path, "budget", "verify").returncode == 0
+        assert hc(home.path, "budget", "verify").returncode == 0
 
         # An expired delegation is refused by `owner use`, and back to the default the node key signs again.
         expired_dlg = sign_delegation(Identity.load(laptop / "owner.key"),
                                       Delegation(node=home.identity().peer_id, max_epsilon=1.0),
                                       ttl=60, now=time.time() - 3600)
         (laptop / "old.dlg").write_bytes(expired_dlg)
-        old = _hc(home.path, "owner", "use", "--delegation", str(laptop / "old.dlg"), check=False)
+        old = hc(home.path, "owner", "use", "--delegation", str(laptop / "old.dlg"), check=False)
         assert old.returncode == 6 and "expired" in old.stderr
-        assert "no separate owner key" in _hc(home.path, "owner", "reset").stdout
-        _hc(home.path, "jobs", "approve", forged)
+        assert "no separate owner key" in hc(home.path, "owner", "reset").stdout
+        hc(home.path, "jobs", "approve", forged)
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.log_tail(200_000)
