@@ -73,6 +73,7 @@ __all__ = [
     "load_weights",
     "plan_hash",
     "program_input_shape",
+    "reload_weights",
     "to_eval_module",
     "validate_recipe",
 ]
@@ -913,6 +914,35 @@ def load_program(program: bytes, weights: bytes, *, max_program: int = 64 << 20,
         return ep.module()
     except Exception:  # noqa: BLE001
         raise _bad_plan("program could not be turned into a module") from None
+
+
+def reload_weights(module: torch.nn.Module, weights: bytes, *, max_weights: int = 1 << 30) -> None:
+    """Put new weights into a module :func:`load_program` returned, in place (a later round of the same program).
+
+    Every parameter and buffer is overwritten, so nothing of the module's last job survives but its graph; gradients
+    are dropped. The weights must name exactly the module's tensors, with the same shapes and dtypes, as
+    :func:`load_program` requires of the first weights.
+
+    Raises:
+        PlanError: code ``"bad_plan"``; the module is unchanged then.
+    """
+    import torch
+    from safetensors.torch import load
+
+    header = audit_weights(weights, max_bytes=max_weights)
+    current = dict(module.named_parameters())
+    current.update(module.named_buffers())
+    if set(header) != set(current):
+        raise _bad_plan("weights do not match the program's parameters and buffers")
+    tensors = load(bytes(weights))
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(current[name].shape) or t.dtype != current[name].dtype:
+            raise _bad_plan("weights do not match the program's tensor shapes")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            current[name].copy_(t)
+    for p in module.parameters():
+        p.grad = None
 
 
 def _check_placeholder(node: Any, tensor: torch.Tensor) -> None:

@@ -820,11 +820,69 @@ def _run_dp(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer
     return {"epsilon": plan.epsilon, "delta": plan.delta}
 
 
+class _Kept:
+    """What a worker keeps from one job for the next, when the pool sends it another round of the same federation.
+
+    The pool reuses a worker only for the same scientist, dataset and program (``workerpool.py``), so the next job
+    normally finds here the program it would load again (a graph module, about 0.1 CPU-s to deserialize for a small
+    CNN), its eval copy, the dataset's tensors (content-addressed by ``data_key``) and the number of classes the
+    model's output was probed for. Each entry is checked against the job before use: the program by its sha256, the
+    data by store and key. The job's weights replace every parameter and buffer (:func:`reload_weights`), so nothing
+    trained in an earlier job reaches the next one but through the weights that job was sent.
+    """
+
+    def __init__(self) -> None:
+        self.program_hash: bytes | None = None
+        self.module: Any = None
+        self.eval_module: Any = None
+        self.data_id: tuple[str, str, str] | None = None
+        self.data: tuple[Any, Any] | None = None
+        self.n_classes: int | None = None  # for (program_hash, data_id)
+
+    def forget_program(self) -> None:
+        self.program_hash = self.module = self.eval_module = self.n_classes = None
+
+
+_kept = _Kept()
+
+
+def _module_for(job: dict[str, Any]) -> tuple[Any, bool]:
+    """The job's trainable module (``ep.module()``) loaded with its weights; True if the program was kept."""
+    import hashlib
+
+    from hivecell.node.plan import PlanError, load_program, reload_weights
+
+    digest = hashlib.sha256(job["program"]).digest()
+    try:
+        if _kept.program_hash == digest:
+            reload_weights(_kept.module, job["weights"])
+            return _kept.module, True
+        _kept.forget_program()
+        module = load_program(job["program"], job["weights"])
+    except PlanError as exc:
+        raise JobError("bad_plan", exc.message) from None
+    _kept.program_hash, _kept.module = digest, module
+    return module, False
+
+
+def _eval_module(module: Any) -> Any:
+    """The kept eval copy of ``module`` (dropout off, batch norm on running statistics) with its current weights."""
+    from hivecell.node.plan import to_eval_module
+
+    if _kept.module is not module or _kept.eval_module is None:
+        evaluator = to_eval_module(module)
+        if _kept.module is module:
+            _kept.eval_module = evaluator
+        return evaluator
+    _kept.eval_module.load_state_dict(module.state_dict())
+    return _kept.eval_module
+
+
 def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from safetensors.torch import save
 
-    from hivecell.node.plan import PlanError, load_program, program_input_shape, to_eval_module, validate_recipe
+    from hivecell.node.plan import PlanError, program_input_shape, validate_recipe
     from hivecell.node.privacy import dp_plan
 
     limits = job.get("limits")
@@ -842,26 +900,34 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         raise JobError("bad_plan", exc.message) from None
 
     t0 = time.monotonic()
-    features, labels = _load_dataset(job["store_path"], job["data_key"], recipe.task)
+    data_id = (job["store_path"], job["data_key"], recipe.task)
+    if _kept.data_id != data_id:
+        _kept.data_id = _kept.data = _kept.n_classes = None
+        _kept.data = _load_dataset(job["store_path"], job["data_key"], recipe.task)
+        _kept.data_id = data_id
+    features, labels = _kept.data
     _set_limit(resource.RLIMIT_FSIZE, 0)  # from here on the job has no file to write
-    try:
-        module = load_program(job["program"], job["weights"])
-        expected = program_input_shape(module)
-    except PlanError as exc:
-        raise JobError("bad_plan", exc.message) from None
-    sample_shape = tuple(features.shape[1:])
-    if len(expected) != len(sample_shape) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
-        raise JobError("bad_data", "the model's input shape does not match the dataset's sample shape")
+    module, kept = _module_for(job)
+    if not kept:
+        try:
+            expected = program_input_shape(module)
+        except PlanError as exc:
+            _kept.forget_program()
+            raise JobError("bad_plan", exc.message) from None
+        sample_shape = tuple(features.shape[1:])
+        if len(expected) != len(sample_shape) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
+            raise JobError("bad_data", "the model's input shape does not match the dataset's sample shape")
     received = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    n_classes = None
-    if recipe.task == "classification":
+    n_classes = _kept.n_classes if kept else None
+    if recipe.task == "classification" and n_classes is None:
         with torch.no_grad():  # on an eval copy: a probe must not move batch-norm statistics
-            probe = to_eval_module(module)(features[:1])
+            probe = _eval_module(module)(features[:1])
         if probe.dim() != 2:
             raise JobError("bad_data", "a classification model must return [batch, classes]")
         n_classes = int(probe.shape[1])
         if int(labels.max()) >= n_classes:
             raise JobError("bad_data", "labels exceed the model's number of classes")
+        _kept.n_classes = n_classes
     if recipe.kind == "evaluate":
         return _run_evaluate(recipe, module, features, labels, n_classes, load_s=time.monotonic() - t0)
     train_idx, eval_idx = _split(features.shape[0], recipe.eval_fraction, recipe.seed)
@@ -886,7 +952,7 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     t2 = time.monotonic()
     metrics: dict[str, Any] = {"train_samples": int(n_train), "eval_samples": int(eval_idx.numel()),
                                "epochs": recipe.epochs}
-    if recipe.dp is None:  # a DP job releases nothing computed on private rows but its noisy weights
+    if recipe.dp is None and recipe.metrics:  # a DP job releases nothing computed on private rows but its weights
         metrics.update(_evaluate_trained(recipe, module, loss_fn, features, labels, train_idx, eval_idx))
     metrics.update(dp_metrics)
     eval_s = time.monotonic() - t2
@@ -903,11 +969,9 @@ def _evaluate_trained(recipe: Any, module: Any, loss_fn: Any, features: Any, lab
     """A non-DP training job's exact metrics on its held-out rows (on its training rows if it held none out)."""
     import torch
 
-    from hivecell.node.plan import to_eval_module
-
     evaluated_on = "eval" if eval_idx.numel() else "train"
     idx = eval_idx if eval_idx.numel() else train_idx
-    evaluator = to_eval_module(module)
+    evaluator = _eval_module(module)
     correct, total_loss = 0, 0.0
     with torch.no_grad():
         for start in range(0, idx.numel(), recipe.batch_size):
@@ -957,7 +1021,7 @@ def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classe
     """
     import torch
 
-    from hivecell.node.plan import PlanError, to_eval_module
+    from hivecell.node.plan import PlanError
     from hivecell.node.privacy import eval_dp_plan
 
     t0 = time.monotonic()
@@ -974,7 +1038,7 @@ def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classe
     n_cells = n_classes * n_classes if confusion else 2 if classification else 1
     cells = torch.zeros(n_cells, dtype=torch.float64)
     loss_term = torch.zeros((), dtype=torch.float64)
-    evaluator = to_eval_module(module)
+    evaluator = _eval_module(module)
     n = int(features.shape[0])
     with torch.no_grad():
         for start in range(0, n, recipe.batch_size):
@@ -1062,6 +1126,10 @@ def main() -> NoReturn:
     import hivecell.node.store  # noqa: F401
 
     tempfile.gettempdir()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the imports stay for the process's life: each job's collection (_release_memory) skips them
 
     try:
         import psutil

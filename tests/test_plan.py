@@ -27,6 +27,7 @@ from hivecell.node.plan import (
     load_program,
     load_weights,
     plan_hash,
+    reload_weights,
     to_eval_module,
     validate_recipe,
 )
@@ -321,6 +322,37 @@ def test_load_program_checks_weights(digits_plan: tuple[DigitsCNN, Plan]) -> Non
     wrong = dict(tensors, **{"fc.bias": torch.zeros(11)})
     with pytest.raises(PlanError, match="bad_plan"):
         load_program(plan.program, save(wrong))
+
+
+def test_reload_weights_replaces_every_tensor_or_nothing(digits_plan: tuple[DigitsCNN, Plan]) -> None:
+    """A parked Worker's next round: the kept module takes the new weights whole, and refuses any that do not fit."""
+    model, plan = digits_plan
+    module = load_program(plan.program, plan.weights)
+    module(torch.rand(4, 1, 8, 8)).pow(2).mean().backward()  # a finished job leaves gradients behind
+    torch.manual_seed(1)
+    other = DigitsCNN()
+    other_weights = save({k: v.detach().contiguous() for k, v in other.state_dict().items()})
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    tensors = load_weights(other_weights)
+    bad = [
+        save({k: v for k, v in tensors.items() if k != "fc.bias"}),  # a tensor missing
+        save(dict(tensors, extra=torch.zeros(1))),  # one too many
+        save(dict(tensors, **{"fc.bias": torch.zeros(11)})),  # another shape
+        save(dict(tensors, **{"fc.bias": tensors["fc.bias"].double()})),  # another dtype
+        b"not safetensors at all",
+    ]
+    for weights in bad:
+        with pytest.raises(PlanError, match="bad_plan"):
+            reload_weights(module, weights)
+        for name, tensor in module.state_dict().items():  # refused: nothing changed
+            assert torch.equal(tensor, before[name]), name
+    reload_weights(module, other_weights)
+    assert all(p.grad is None for p in module.parameters())
+    x = torch.rand(5, 1, 8, 8)
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), load_program(plan.program, other_weights)(x))
+        assert torch.allclose(module(x), other(x), atol=1e-6)
 
 
 def test_trained_module_and_apply_weights(digits_plan: tuple[DigitsCNN, Plan]) -> None:

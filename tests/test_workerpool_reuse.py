@@ -146,6 +146,13 @@ async def test_a_failed_job_ends_its_worker(digits_store: tuple[Path, str], digi
         assert failed.value.code == "bad_data"
         assert _worker_pids() == {again.worker_pid}
 
+        # The parked worker kept the loaded program; weights that do not fit it fail there as in a fresh worker.
+        with pytest.raises(WorkerFailed) as failed:
+            await pool.run_job(_job(digits_store, digits_plan, key=KEY, job_id="bad-3", recipe=quick,
+                                    weights=too_few_classes.weights), limits=LIMITS)
+        assert failed.value.code == "bad_plan" and "do not match" in failed.value.reason
+        assert _worker_pids() == set()
+
 
 async def test_an_idle_parked_worker_is_let_go(digits_store: tuple[Path, str], digits_plan: Plan) -> None:
     quick = {**digits_plan.recipe, "epochs": 1}
