@@ -34,7 +34,7 @@ below also use one thread. With N Workers training at once on C cores, each node
 uncontended time times N / C: the training the round waits for is a contended one, and the overhead is measured
 against it.
 
-Where the overhead goes: each job's timeline is put together from this process's calls (``Client.submit``, ``wait``,
+Where the overhead goes: each job's timeline is put together from this process's calls (``Client.submit``,
 ``result`` and ``verify`` are wrapped with timestamping shims for the run; nothing else changes) and the node's own job
 record (``timings``: received, started, worker_wait_s, load_s, train_s, eval_s, finished, signoff_s; ``updated`` is
 the release). For the round's last-fetched job (the critical path) the round splits exactly into
@@ -45,8 +45,9 @@ the release). For the round's last-fetched job (the critical path) the round spl
   worker        claimed until the Worker's result was back in the daemon; split into worker_wait, load, train, eval
                 and worker_other (frames over the pipes, pool bookkeeping)
   release       storing the result and signing it off (``signoff_s`` is part of it)
-  notify        release until the coordinator's long-poll returned
-  fetch         fetching the result and verifying the sign-off (``verify_s`` is part of it)
+  fetch         release until the coordinator holds the verified result: its long-poll fetch (one request per job,
+                answered when the job ends) returns the result, which is checked against its sign-off
+                (``verify_s`` is part of it)
   after         last fetch until the round's end: decoding, screening, aggregation, and ``evaluate_s``
 
 On loopback the N nodes and the coordinator share this box's cores, so wall times include waiting for a core (check
@@ -183,6 +184,30 @@ def _proc_table(attrs: list[str]) -> dict[int, dict[str, Any]]:
     return table
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``, from the kernel's lists (``/proc/PID/task/*/children``): a few small reads, where
+    a pass over the process table would cost the coordinator CPU that the benchmark counts as overhead."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
+                    kids = [int(c) for c in f.read().split()]
+                found.extend(kids)
+                todo.extend(kids)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 # -- memory -----------------------------------------------------------------------------------------------------------
 
 
@@ -204,21 +229,8 @@ class RssSampler:
         self.cpu_s = 0.0  # CPU time of the sampling thread itself, so it can be left out of the coordinator's
 
     def _refresh_trees(self) -> None:
-        children: dict[int, list[int]] = {}
-        for pid, info in _proc_table(["ppid"]).items():
-            children.setdefault(info["ppid"], []).append(pid)
-        trees = []
-        for root in self._roots:
-            found, todo = [], list(children.get(root.pid, []))
-            while todo:
-                pid = todo.pop()
-                try:
-                    found.append(psutil.Process(pid))
-                except psutil.NoSuchProcess:
-                    continue
-                todo.extend(children.get(pid, []))
-            trees.append(found)
-        self._trees = trees
+        self._trees = [[_process(pid) for pid in _descendants(root.pid)] for root in self._roots]
+        self._trees = [[p for p in tree if p is not None] for tree in self._trees]
 
     @staticmethod
     def _rss(p: psutil.Process) -> int:
@@ -326,10 +338,10 @@ class JobClock:
 
     @contextmanager
     def installed(self) -> Iterator[JobClock]:
-        """Wrap ``Client.submit``, ``wait``, ``result`` and ``verify`` for the duration; then put the originals back."""
+        """Wrap ``Client.submit``, ``result`` and ``verify`` for the duration; then put the originals back."""
         from hivecell.node.client import Client
 
-        submit, wait, result, verify = Client.submit, Client.wait, Client.result, Client.verify
+        submit, result, verify = Client.submit, Client.result, Client.verify
         clock = self
 
         async def timed_submit(client: Any, dataset: str, plan: Any) -> str:
@@ -338,11 +350,6 @@ class JobClock:
             clock.jobs[job_id] = {"round": clock.round, "node": client.node, "submit_start": t0,
                                   "submit_end": time.time()}
             return job_id
-
-        async def timed_wait(client: Any, job_id: str, **kwargs: Any) -> Any:
-            status = await wait(client, job_id, **kwargs)
-            clock.jobs.setdefault(job_id, {})["wait_end"] = time.time()
-            return status
 
         async def timed_result(client: Any, job_id: str, **kwargs: Any) -> Any:
             out = await result(client, job_id, **kwargs)
@@ -356,12 +363,11 @@ class JobClock:
             finally:
                 clock.jobs.setdefault(job_id, {})["verify_s"] = time.perf_counter() - t0
 
-        Client.submit, Client.wait, Client.result, Client.verify = (timed_submit, timed_wait, timed_result,
-                                                                    timed_verify)
+        Client.submit, Client.result, Client.verify = timed_submit, timed_result, timed_verify
         try:
             yield self
         finally:
-            Client.submit, Client.wait, Client.result, Client.verify = submit, wait, result, verify
+            Client.submit, Client.result, Client.verify = submit, result, verify
 
 
 def job_phases(clock: dict[str, Any], record: dict[str, Any]) -> dict[str, float] | None:
@@ -379,8 +385,7 @@ def job_phases(clock: dict[str, Any], record: dict[str, Any]) -> dict[str, float
             "worker_other": finished - started - sum(in_worker),
             "release": released - finished,
             "signoff": tm.get("signoff_s", 0.0),
-            "notify": clock["wait_end"] - released,
-            "fetch": clock["fetch_end"] - clock["wait_end"],
+            "fetch": clock["fetch_end"] - released,
             "verify": clock.get("verify_s", 0.0),
             "worker_start": tm.get("worker_start_s", 0.0),
         }
@@ -404,7 +409,7 @@ def round_breakdown(rnd: dict[str, Any], clocks: dict[str, dict[str, Any]], reco
     critical = {"to_received": p["upload"] + (jobs[last]["submit_start"] - start), "queue": p["queue"],
                 "worker": p["worker"], "worker_wait": p["worker_wait"], "load": p["load"], "train": p["train"],
                 "eval": p["eval"], "worker_other": p["worker_other"], "release": p["release"],
-                "signoff": p["signoff"], "notify": p["notify"], "fetch": p["fetch"], "verify": p["verify"],
+                "signoff": p["signoff"], "fetch": p["fetch"], "verify": p["verify"],
                 "after": end - jobs[last]["fetch_end"], "evaluate": rnd["evaluate_s"]}
     per_job = {k: statistics.median(v[k] for v in phases.values()) for k in next(iter(phases.values()))}
     starts = [records[j]["timings"]["started"] for j in phases]

@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -68,6 +68,7 @@ class JobResult:
     signoff: SignOff
     signoff_record: bytes
     result_hash: str
+    timings: dict[str, Any] = field(default_factory=dict)  # the node's own account of the job (not signed)
 
     def state_dict(self) -> dict[str, Any]:
         """The trained weights as torch tensors (imports torch).
@@ -151,11 +152,17 @@ class Client:
         reply = await self.host.request(
             self.node, JOB_PROTOCOL, SubmitJob(request=request, program=plan.program, weights=plan.weights),
             expect=JobAccepted, timeout=120.0)
+        if reply.job_id != job_id:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node accepted another job than the one sent")
         self._plans[job_id] = (dataset, plan.hash)
         return job_id
 
-    async def status(self, job_id: str, *, since: int = 0, wait_s: float = 0.0) -> JobStatus:
-        reply = await self.host.request(self.node, JOB_PROTOCOL, WatchJob(job_id=job_id, since=since, wait_s=wait_s),
+    async def status(self, job_id: str, *, since: int = 0, wait_s: float = 0.0, until_done: bool = False
+                     ) -> JobStatus:
+        """The job's status now; with ``wait_s``, once its seq is above ``since`` (or, with ``until_done``, once it
+        is released, withheld or failed), or after ``wait_s`` seconds, whichever comes first."""
+        reply = await self.host.request(self.node, JOB_PROTOCOL,
+                                        WatchJob(job_id=job_id, since=since, wait_s=wait_s, until_done=until_done),
                                         expect=JobStatus, timeout=wait_s + 30.0)
         if reply.job_id != job_id:
             raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered about another job")
@@ -169,33 +176,40 @@ class Client:
             trio.TooSlowError: not finished within ``timeout``.
         """
         with trio.fail_after(math.inf if timeout is None else timeout):
+            if on_progress is None:  # the node answers once, when the job is done: one request per job, not one
+                while True:          # per progress frame (a FedAvg round waits on many nodes this way)
+                    status = await self.status(job_id, wait_s=MAX_WATCH_S, until_done=True)
+                    if JobState(status.state) in TERMINAL:
+                        return status
             status = await self.status(job_id)
-            if on_progress:
-                on_progress(status)
+            on_progress(status)
             while JobState(status.state) not in TERMINAL:
                 nxt = await self.status(job_id, since=status.seq, wait_s=MAX_WATCH_S)
-                if nxt.seq != status.seq and on_progress:
+                if nxt.seq != status.seq:
                     on_progress(nxt)
                 status = nxt
             return status
 
-    async def result(self, job_id: str, *, dataset: str | None = None, plan_hash: str | None = None) -> JobResult:
-        """Fetch and verify a released result.
+    async def result(self, job_id: str, *, dataset: str | None = None, plan_hash: str | None = None,
+                     wait_s: float = 0.0) -> JobResult:
+        """Fetch and verify a released result; with ``wait_s``, the node first waits up to that long (at most
+        ``MAX_WATCH_S``) for the job to end, so a caller that wants no progress needs one request per job.
 
         A job submitted by this client is checked against the dataset and plan it was sent with; for a job submitted
         in an earlier session (same identity), pass ``dataset`` and ``plan_hash`` to have them checked too.
 
         Raises:
-            RemoteError: not released (``not_ready``, ``withheld``, ``job_failed``).
+            RemoteError: not released (``not_ready``: still queued, running or awaiting sign-off after ``wait_s``;
+                ``withheld``; ``job_failed``).
             ResultRejected: the sign-off does not verify; the result is discarded.
         """
-        reply = await self.host.request(self.node, JOB_PROTOCOL, FetchResult(job_id=job_id), expect=JobResultMsg,
-                                        timeout=120.0)
+        reply = await self.host.request(self.node, JOB_PROTOCOL, FetchResult(job_id=job_id, wait_s=wait_s),
+                                        expect=JobResultMsg, timeout=min(wait_s, MAX_WATCH_S) + 120.0)
         if job_id not in self._plans and dataset is not None and plan_hash is not None:
             self._plans[job_id] = (dataset, plan_hash)
         if job_id in self._plans and self._plans[job_id][0] not in self._datasets:
             await self.datasets()  # the owner to check the sign-off against comes from the signed advert
-        return self.verify(job_id, reply.result, reply.signoff)
+        return replace(self.verify(job_id, reply.result, reply.signoff), timings=dict(reply.timings))
 
     def verify(self, job_id: str, result: bytes, signoff: bytes) -> JobResult:
         """Check a result against its sign-off and what this client asked; return it decoded.

@@ -131,10 +131,22 @@ class Daemon:
             raise RemoteError(ErrorCode.UNKNOWN_DATASET, "not a dataset name") from None
         if node != self.identity.peer_id:
             raise RemoteError(ErrorCode.WRONG_NODE, "this job request is addressed to another node")
-        if await trio.to_thread.run_sync(self.store.nonce_seen, request.nonce):
+        # Everything below touches the store or hashes the plan: one trip to a thread, not one per step (each costs
+        # the event loop a wake-up; a FedAvg round on a small model is mostly such costs).
+        job = await trio.to_thread.run_sync(lambda: self._accept(peer, request, msg, job_id, dataset_name, p_hash,
+                                                                 recipe))
+        logger.info("job %s queued: dataset %s, scientist %s", job_id, dataset_name, short(peer))
+        self._work.set()
+        self._notify()
+        return job
+
+    def _accept(self, peer: str, request: Any, msg: SubmitJob, job_id: str, dataset_name: str, p_hash: str,
+                recipe: Any) -> dict[str, Any]:
+        """Check a signed job request against the store, audit and price its plan, and queue it (in a thread)."""
+        if self.store.nonce_seen(request.nonce):
             logger.info("replayed job request %s from %s", job_id, short(peer))
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
-        dataset = await trio.to_thread.run_sync(self.store.get_dataset, dataset_name)
+        dataset = self.store.get_dataset(dataset_name)
         if dataset is None:
             raise RemoteError(ErrorCode.UNKNOWN_DATASET, f"no dataset named {dataset_name[:64]!r} on this node")
         try:
@@ -142,42 +154,36 @@ class Daemon:
             if normalized["task"] != dataset["schema"]["task"]:
                 raise PlanError("bad_recipe", f"the dataset is for {dataset['schema']['task']}, "
                                               f"the recipe asks for {normalized['task']}")
-            await trio.to_thread.run_sync(audit_program, msg.program)
-            await trio.to_thread.run_sync(audit_weights, msg.weights)
+            audit_program(msg.program)
+            audit_weights(msg.weights)
         except PlanError as exc:
             logger.info("job %s from %s refused: %s", job_id, short(peer), exc.message)
             raise RemoteError(exc.code, exc.message) from None
-        if await trio.to_thread.run_sync(plan_hash, msg.program, msg.weights, recipe) != p_hash:
+        if plan_hash(msg.program, msg.weights, recipe) != p_hash:
             raise RemoteError(ErrorCode.BAD_PLAN, "the plan does not match the plan_hash the request signs")
-        program_key, weights_key = await trio.to_thread.run_sync(
-            lambda: (sha256_hex(msg.program), sha256_hex(msg.weights)))
-        queued = await trio.to_thread.run_sync(self.store.count_jobs, peer)
+        program_key, weights_key = sha256_hex(msg.program), sha256_hex(msg.weights)
+        queued = self.store.count_jobs(peer)
         if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
             raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
-        if not await trio.to_thread.run_sync(self.store.remember_nonce, request.nonce, request.expires_at):
+        if not self.store.remember_nonce(request.nonce, request.expires_at):
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
         try:  # priced before anything runs, with the numbers the Worker will use (same rows, same sampling)
-            epsilon, delta = await trio.to_thread.run_sync(price_job, normalized, dataset["schema"]["num_samples"])
+            epsilon, delta = price_job(normalized, dataset["schema"]["num_samples"])
         except PlanError as exc:
             raise RemoteError(exc.code, exc.message) from None
-        privacy = {"epsilon": epsilon, "delta": delta}
         job = jobsm.new_job(
-            job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized, **privacy,
-            program_key=program_key, weights_key=weights_key, request=msg.request,
+            job_id=job_id, dataset=dataset_name, scientist=peer, plan_hash=p_hash, recipe=normalized,
+            epsilon=epsilon, delta=delta, program_key=program_key, weights_key=weights_key, request=msg.request,
             policy=dataset["signoff"],
         )
         job["timings"] = {"received": job["created"]}
         try:
-            await trio.to_thread.run_sync(lambda: self.store.create_job(
-                job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry)))
+            self.store.create_job(job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry))
         except StoreError:
             raise RemoteError(ErrorCode.REPLAY, "a job with this id exists") from None
         except LedgerError as exc:  # the reservation does not fit the dataset's budget: nothing was stored
             logger.info("job %s from %s refused: %s", job_id, short(peer), exc)
             raise RemoteError(ErrorCode.BUDGET_EXCEEDED, str(exc)) from None
-        logger.info("job %s queued: dataset %s, scientist %s", job_id, dataset_name, short(peer))
-        self._work.set()
-        self._notify()
         return job
 
     async def _own_job(self, peer: str, job_id: str) -> dict[str, Any]:
@@ -187,16 +193,29 @@ class Daemon:
         return job
 
     async def _watch(self, peer: str, msg: WatchJob) -> dict[str, Any]:
+        if msg.until_done:  # one answer per job for a caller that wants no progress
+            return await self._wait_done(peer, msg.job_id, msg.wait_s)
         job = await self._own_job(peer, msg.job_id)
         with trio.move_on_after(max(0.0, min(msg.wait_s, MAX_WATCH_S))):
             while job["seq"] <= msg.since:
-                with trio.move_on_after(1.0):  # also notice changes made by the CLI in another process
-                    await self._changed.wait()
-                job = await self._own_job(peer, msg.job_id)
+                job = await self._next_change(peer, msg.job_id)
         return job
 
+    async def _wait_done(self, peer: str, job_id: str, wait_s: float) -> dict[str, Any]:
+        """The job once it is released, withheld or failed, or as it is after ``wait_s`` (at most MAX_WATCH_S)."""
+        job = await self._own_job(peer, job_id)
+        with trio.move_on_after(max(0.0, min(wait_s, MAX_WATCH_S))):
+            while jobsm.JobState(job["state"]) not in jobsm.TERMINAL:
+                job = await self._next_change(peer, job_id)
+        return job
+
+    async def _next_change(self, peer: str, job_id: str) -> dict[str, Any]:
+        with trio.move_on_after(1.0):  # also notice changes made by the CLI in another process
+            await self._changed.wait()
+        return await self._own_job(peer, job_id)
+
     async def _fetch(self, peer: str, msg: FetchResult) -> JobResultMsg:
-        job = await self._own_job(peer, msg.job_id)
+        job = await self._wait_done(peer, msg.job_id, msg.wait_s)
         state = job["state"]
         if state == jobsm.JobState.WITHHELD.value:
             raise RemoteError(ErrorCode.WITHHELD, "the data owner did not sign off this result")
@@ -207,7 +226,7 @@ class Daemon:
         result = await trio.to_thread.run_sync(self.store.get_blob, job["result_hash"])
         if result is None:
             raise RemoteError(ErrorCode.INTERNAL, "the result is missing")
-        return JobResultMsg(job_id=job["id"], result=result, signoff=job["signoff"])
+        return JobResultMsg(job_id=job["id"], result=result, signoff=job["signoff"], timings=job.get("timings", {}))
 
     # -- running jobs ----------------------------------------------------------------------------------------------
     async def run_jobs(self) -> None:
@@ -246,9 +265,9 @@ class Daemon:
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
-        dataset = await trio.to_thread.run_sync(self.store.get_dataset, job["dataset"])
-        program = await trio.to_thread.run_sync(self.store.get_blob, job["program_key"])
-        weights = await trio.to_thread.run_sync(self.store.get_blob, job["weights_key"])
+        dataset, program, weights = await trio.to_thread.run_sync(lambda: (
+            self.store.get_dataset(job["dataset"]), self.store.get_blob(job["program_key"]),
+            self.store.get_blob(job["weights_key"])))
         if dataset is None or program is None or weights is None:
             await self._fail(job_id, "the dataset or the plan is no longer on this node")
             return

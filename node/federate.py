@@ -41,12 +41,14 @@ import numpy as np
 import trio
 
 from hivecell.crypto.identity import Identity
+from hivecell.mesh.message import ErrorCode
 from hivecell.mesh.host import PeerUnreachable, RemoteError, open_host
 
 from .client import Client, JobFailed, ResultRejected
 from .dataset import DatasetInfo
 from .job import JobState
 from .plan import Plan, validate_recipe
+from .wire import MAX_WATCH_S
 from .strategy import Strategy, Update, make_strategy, screen_updates
 
 __all__ = ["FederationConfig", "RoundRecord", "FederationResult", "FederationFailed", "federate", "encode_weights",
@@ -238,13 +240,20 @@ async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecor
     try:
         job_id = await node.client.submit(node.dataset, plan)
         record.bytes_sent += len(plan.program) + len(plan.weights)
-        status = await node.client.wait(job_id, timeout=max(0.0, deadline - trio.current_time()))
-        if status.state != JobState.RELEASED.value:
-            raise JobFailed(job_id, status.state, status.reason)
         with trio.fail_after(max(0.0, deadline - trio.current_time())):
-            result = await node.client.result(job_id)
+            while True:  # one long-poll fetch per job: the node answers when the job has ended
+                try:
+                    result = await node.client.result(job_id, wait_s=MAX_WATCH_S)
+                    break
+                except RemoteError as exc:
+                    if exc.code == ErrorCode.NOT_READY:  # still queued, running or awaiting the owner's sign-off
+                        continue
+                    if exc.code in (ErrorCode.JOB_FAILED, ErrorCode.WITHHELD):
+                        raise JobFailed(job_id, JobState.FAILED.value if exc.code == ErrorCode.JOB_FAILED
+                                        else JobState.WITHHELD.value, exc.message) from None
+                    raise
         record.bytes_received += len(result.weights)
-        train_s = status.timings.get("train_s", 0.0)
+        train_s = result.timings.get("train_s", 0.0)
         weights = decode_weights(result.weights)
         samples = result.metrics.get("train_samples")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

@@ -105,7 +105,6 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
         ValueError: a parameter outside its domain (noise <= 0, rate outside (0, 1], steps < 1, delta outside (0, 1)).
     """
     import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
 
     _check(noise_multiplier, sample_rate, steps, delta)
     event = dp_accounting.SelfComposedDpEvent(

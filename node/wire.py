@@ -53,6 +53,7 @@ class WatchJob(Message):
     job_id: str
     since: int = 0  # answer as soon as the job's seq is above this, or after wait_s
     wait_s: float = 0.0
+    until_done: bool = False  # answer only once the job is released, withheld or failed (or after wait_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +71,7 @@ class JobStatus(Message):
 class FetchResult(Message):
     TAG: ClassVar[str] = "get"
     job_id: str
+    wait_s: float = 0.0  # wait up to this long (at most MAX_WATCH_S) for the job to end before answering not_ready
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +80,7 @@ class JobResultMsg(Message):
     job_id: str
     result: bytes  # canonical msgpack {"weights": safetensors bytes, "metrics": {...}}; its sha256 is signed
     signoff: bytes  # signed "signoff" record
+    timings: dict[str, Any] = field(default_factory=dict)  # the node's job timings (as in JobStatus), unsigned
 
 
 DATASET_PROTOCOL = Protocol("/hivecell/dataset/1.0.0", ListDatasets, DatasetList, max_frame=MAX_CONTROL_BYTES)

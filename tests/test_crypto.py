@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import pytest
 
-from hivecell.crypto.identity import Identity, IdentityError, PublicIdentity, peer_id_from_public_key
+from hivecell.crypto.identity import Identity, IdentityError, PublicIdentity
 from hivecell.crypto.record import InvalidRecord, open_record, seal
 from hivecell.crypto.signoff import SignOff, SignoffRejected, sign_signoff, verify_signoff
 

@@ -23,7 +23,8 @@ import trio
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import open_record
 from hivecell.crypto.signoff import SignOff, sign_signoff
-from hivecell.mesh.host import open_host
+from hivecell.mesh.host import RemoteError, open_host
+from hivecell.mesh.message import ErrorCode
 from hivecell.node.dataset import make_advert, make_record
 from hivecell.node.demo import fedavg_digits
 from hivecell.node.federate import (
@@ -99,6 +100,9 @@ class ScriptedPeer:
             await reply.send(JobStatus(job_id=message.job_id, state="released", seq=2))
         elif isinstance(message, FetchResult):
             job = self.jobs[message.job_id]
+            if self.behaviour == "slow":  # a long-poll fetch that never sees the job end before any deadline
+                await trio.sleep(min(message.wait_s, 30.0))
+                raise RemoteError(ErrorCode.NOT_READY, "the job is running")
             weights = decode_weights(job["weights"])
             if self.behaviour == "scaled":
                 weights = {k: v * 1e6 for k, v in weights.items()}

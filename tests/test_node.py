@@ -19,7 +19,7 @@ from hivecell.crypto.signoff import SignOff, sign_signoff
 from hivecell.mesh.frame import read_frame
 from hivecell.mesh.host import RemoteError
 from hivecell.mesh.message import ErrorCode
-from hivecell.node.client import Client, JobFailed, ResultRejected
+from hivecell.node.client import Client, ResultRejected
 from hivecell.node.release import encode_result
 from hivecell.node.store import Store
 from hivecell.node.wire import DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, JobAccepted, SubmitJob
@@ -212,18 +212,24 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
             with pytest.raises(RemoteError) as err:
                 await client.result(job_id)
             assert err.value.code == ErrorCode.NOT_READY
+            # the long polls wait for an end that an awaiting job has not reached, then say so
+            t0 = time.monotonic()
+            assert (await client.status(job_id, wait_s=1, until_done=True)).state == "awaiting_signoff"
+            with pytest.raises(RemoteError) as err:
+                await client.result(job_id, wait_s=1)
+            assert err.value.code == ErrorCode.NOT_READY and time.monotonic() - t0 >= 2
         cli = [sys.executable, "-m", "hivecell.node.cli", "--home", str(home.path), "jobs"]
         await trio.run_process([*cli, "approve", approved])
         await trio.run_process([*cli, "reject", rejected, "--reason", "too revealing"])
         again = await trio.run_process([*cli, "approve", rejected], check=False, capture_stderr=True)
         assert again.returncode == 4 and b"withheld" in again.stderr
-        assert (await client.wait(approved, timeout=60)).state == "released"
-        result = await client.result(approved)
+        result = await client.result(approved, wait_s=60)  # answered as soon as the approval lands
         assert result.signoff.decision == "owner" and result.signoff.dataset == "digits-manual"
+        assert (await client.wait(approved, timeout=60)).state == "released"
         status = await client.wait(rejected, timeout=60)
         assert status.state == "withheld" and "too revealing" in status.reason
         with pytest.raises(RemoteError) as err:
-            await client.result(rejected)
+            await client.result(rejected, wait_s=30)
         assert err.value.code == ErrorCode.WITHHELD
     with Store.open(home.store_path) as store:  # a withheld result is deleted; the plan of a finished job too
         job = store.get_job(rejected)
@@ -231,11 +237,34 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
         assert store.get_blob(store.get_job(approved)["result_hash"]) is not None
 
 
+async def test_one_long_poll_fetch_per_job(node, plan_factory):
+    """What a FedAvg round does on each node: submit, then one fetch that the node answers when the job is done."""
+    plan = plan_factory(epochs=1)
+    async with Client.connect(node.address) as client:
+        await client.datasets()
+        job_id = await client.submit("digits", plan)
+        with trio.fail_after(300):
+            while True:
+                try:
+                    result = await client.result(job_id, wait_s=30)
+                    break
+                except RemoteError as exc:
+                    assert exc.code == ErrorCode.NOT_READY
+        assert result.signoff.plan_hash == plan.hash and result.metrics["epochs"] == 1
+        assert result.timings["train_s"] > 0 and result.timings["finished"] >= result.timings["started"]
+        status = await client.wait(job_id, timeout=30)  # no progress callback: one long poll, answered at once
+        assert status.state == "released" and status.seq >= 3
+        with pytest.raises(RemoteError) as err:
+            await client.result("0" * 32, wait_s=30)
+        assert err.value.code == ErrorCode.UNKNOWN_JOB
+
+
 async def test_another_scientist_cannot_see_my_job(node, plan_factory):
     plan = plan_factory(epochs=1)
     async with Client.connect(node.address) as mine, Client.connect(node.address) as theirs:
         job_id = await mine.submit("digits", plan)
-        for call in (theirs.status(job_id), theirs.result(job_id)):
+        for call in (theirs.status(job_id), theirs.result(job_id), theirs.status(job_id, wait_s=5, until_done=True),
+                     theirs.result(job_id, wait_s=5)):
             with pytest.raises(RemoteError) as err:
                 await call
             assert err.value.code == ErrorCode.UNKNOWN_JOB

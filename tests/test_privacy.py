@@ -4,7 +4,6 @@ a real Worker training with DP."""
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from pathlib import Path
 
