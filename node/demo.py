@@ -10,6 +10,7 @@ budget too).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -124,9 +125,13 @@ def run_demo(*, nodes: int = 4, epochs: int = 30, rounds: int = 5, workdir: Path
         with console.status("preparing node homes and digits shards"):
             specs = _prepare_nodes(root, nodes)
         with console.status(f"starting {nodes} node daemons"):
+            # The nodes share this machine's cores: torch's default (a thread per core in every Worker) would have
+            # the N Workers of a FedAvg round spin against each other, several times slower than a share each.
+            threads = str(max(1, (os.cpu_count() or 1) // nodes))
             for i, spec in enumerate(specs):
                 # Only the node that gets the job keeps a warm Worker; the others would only spend memory.
-                daemons.append(start_daemon(spec["home"], "--warm-workers", "1" if i == 0 else "0"))
+                daemons.append(start_daemon(spec["home"], "--warm-workers", "1" if i == 0 else "0",
+                                            "--worker-threads", threads))
         for spec, d in zip(specs, daemons):
             spec.update(peer_id=d.peer_id, address=d.address)
             console.print(f"node {d.peer_id[-8:]} at {d.address} holds [bold]{spec['dataset']}[/] "

@@ -64,7 +64,8 @@ def _nodes(root: Path, n: int, *, warm: str = "1", per_node: int | None = None):
     for i, (x, y) in enumerate(shards):
         home = Home(root / f"n{i}")
         add_dataset(home, f"digits-{i}", x[:per_node], y[:per_node], tags=("digits",))
-        daemons.append(start_daemon(home.path, "--warm-workers", warm))
+        # one torch thread per Worker: n nodes share this box's cores (more would spin against each other)
+        daemons.append(start_daemon(home.path, "--warm-workers", warm, "--worker-threads", "1"))
     return daemons, test
 
 
