@@ -191,13 +191,17 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         parent = todo.pop()
         try:
-            for task in os.listdir(f"/proc/{parent}/task"):
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        for task in tasks:
+            try:
                 with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
                     kids = [int(c) for c in f.read().split()]
-                found.extend(kids)
-                todo.extend(kids)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found.extend(kids)
+            todo.extend(kids)
     return found
 
 

@@ -110,6 +110,16 @@ def _check(value: Any, hint: Any, path: str) -> None:
     raise TypeError(f"unsupported annotation {hint!r} in a wire message")  # our bug, found by the round-trip tests
 
 
+def _is_default(f: dataclasses.Field, value: object) -> bool:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    return type(value) is type(default) and value == default
+
+
 class Protocol:
     """One versioned protocol id and the union of messages it carries."""
 
@@ -128,7 +138,10 @@ class Protocol:
         cls = type(message)
         if self._by_tag.get(cls.TAG) is not cls:
             raise TypeError(f"{cls.__name__} is not a message of {self.id}")
-        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}  # type: ignore[arg-type]
+        # A field left at its default is not sent: a field added later (with a default, last) then reaches a peer
+        # that predates it only when it is used, and such a peer keeps answering the requests it understands.
+        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)  # type: ignore[arg-type]
+                  if not _is_default(f, getattr(message, f.name))}
         data = canonical_packb({"t": cls.TAG, **fields})
         if len(data) > self.max_frame:
             raise ValueError(f"{cls.__name__} of {len(data)} bytes exceeds the {self.max_frame}-byte cap of {self.id}")

@@ -32,7 +32,7 @@ from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_r
 from .privacy import price_job
 from .ledger import LedgerError
 from .release import complete_job, fail_entry, plan_blobs, reserve_entry
-from .store import Store, StoreError, sha256_hex
+from .store import QueueFull, Store, StoreError, sha256_hex
 from .wire import (
     DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
     ListDatasets, SubmitJob, WatchJob,
@@ -178,7 +178,10 @@ class Daemon:
         )
         job["timings"] = {"received": job["created"]}
         try:
-            self.store.create_job(job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry))
+            self.store.create_job(job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry),
+                                  max_queued=(self.config.max_queued_per_peer, self.config.max_queued))
+        except QueueFull:  # concurrent submits that passed the check above together
+            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later") from None
         except StoreError:
             raise RemoteError(ErrorCode.REPLAY, "a job with this id exists") from None
         except LedgerError as exc:  # the reservation does not fit the dataset's budget: nothing was stored
@@ -218,7 +221,9 @@ class Daemon:
         job = await self._wait_done(peer, msg.job_id, msg.wait_s)
         state = job["state"]
         if state == jobsm.JobState.WITHHELD.value:
-            raise RemoteError(ErrorCode.WITHHELD, "the data owner did not sign off this result")
+            reason = job.get("reason", "")
+            raise RemoteError(ErrorCode.WITHHELD, "the data owner did not sign off this result"
+                                                  + (f": {reason[:300]}" if reason else ""))
         if state == jobsm.JobState.FAILED.value:
             raise RemoteError(ErrorCode.JOB_FAILED, job.get("reason", "")[:300])
         if state != jobsm.JobState.RELEASED.value:

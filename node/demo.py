@@ -127,7 +127,7 @@ def run_demo(*, nodes: int = 4, epochs: int = 30, rounds: int = 5, workdir: Path
         with console.status(f"starting {nodes} node daemons"):
             # The nodes share this machine's cores: torch's default (a thread per core in every Worker) would have
             # the N Workers of a FedAvg round spin against each other, several times slower than a share each.
-            threads = str(max(1, (os.cpu_count() or 1) // nodes))
+            threads = str(max(1, len(os.sched_getaffinity(0)) // nodes))
             for i, spec in enumerate(specs):
                 # Only the node that gets the job keeps a warm Worker; the others would only spend memory.
                 daemons.append(start_daemon(spec["home"], "--warm-workers", "1" if i == 0 else "0",

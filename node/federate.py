@@ -242,11 +242,14 @@ async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecor
         record.bytes_sent += len(plan.program) + len(plan.weights)
         with trio.fail_after(max(0.0, deadline - trio.current_time())):
             while True:  # one long-poll fetch per job: the node answers when the job has ended
+                asked = trio.current_time()
                 try:
                     result = await node.client.result(job_id, wait_s=MAX_WATCH_S)
                     break
                 except RemoteError as exc:
                     if exc.code == ErrorCode.NOT_READY:  # still queued, running or awaiting the owner's sign-off
+                        # a node that answers at once instead of waiting must not make us spin
+                        await trio.sleep(max(0.0, 1.0 - (trio.current_time() - asked)))
                         continue
                     if exc.code in (ErrorCode.JOB_FAILED, ErrorCode.WITHHELD):
                         raise JobFailed(job_id, JobState.FAILED.value if exc.code == ErrorCode.JOB_FAILED

@@ -34,7 +34,7 @@ from .ledger import DatasetBudget, LedgerState, replay_chain, seal_entry
 # (signing key, entries(job record) -> ledger entry bodies to append in the same transaction)
 LedgerWrite = tuple[Identity, Callable[[dict[str, Any]], list[dict[str, Any]]]]
 
-__all__ = ["Store", "StoreError", "open_blob_reader", "sha256_hex"]
+__all__ = ["QueueFull", "Store", "StoreError", "open_blob_reader", "sha256_hex"]
 
 FORMAT_VERSION = b"1"
 _MAP_SIZE = 1 << 40  # address space only: LMDB files are sparse and grow with the data
@@ -45,6 +45,10 @@ _MAX_RECORD = 64 << 20
 
 class StoreError(Exception):
     """The store cannot do what was asked (missing record, duplicate name, wrong format)."""
+
+
+class QueueFull(StoreError):
+    """A new job would pass the node's queue limits."""
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -175,16 +179,24 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------------------------------------------
     def create_job(self, record: dict[str, Any], blobs: list[bytes] = (),  # type: ignore[assignment]
-                   *, ledger: LedgerWrite | None = None) -> None:
+                   *, ledger: LedgerWrite | None = None, max_queued: tuple[int, int] | None = None) -> None:
         """Persist a new job, the blobs it refers to and its ledger entries (``ledger(record)``) in one transaction.
+
+        ``max_queued`` = (per scientist, overall): the queue limits, checked in the same transaction, so concurrent
+        submits cannot together pass them.
 
         Raises:
             StoreError: a job with that id exists.
+            QueueFull: the queue limits would be passed; nothing is written.
             LedgerError: the ledger refuses an entry (e.g. the budget does not fit); nothing is written.
         """
         with self._env.begin(write=True) as txn:
             if txn.get(record["id"].encode(), db=self._db["jobs"]) is not None:
                 raise StoreError(f"job {record['id']} already exists")
+            if max_queued is not None:
+                queued = self._count_queued(txn, record["scientist"])
+                if queued["mine"] >= max_queued[0] or queued["all"] >= max_queued[1]:
+                    raise QueueFull("too many jobs waiting on this node")
             self._ledger_append(txn, ledger, record)
             for data in blobs:
                 txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
@@ -238,13 +250,16 @@ class Store:
 
     def count_jobs(self, scientist: str) -> dict[str, int]:
         """Jobs waiting to run (queued): from ``scientist`` and from everyone."""
+        with self._env.begin() as txn:
+            return self._count_queued(txn, scientist)
+
+    def _count_queued(self, txn: Any, scientist: str) -> dict[str, int]:
         mine = total = 0
-        with self._env.begin(db=self._db["jobs"]) as txn:
-            for _, raw in txn.cursor():
-                job = _unpack(raw)
-                if job.get("state") == "queued":
-                    total += 1
-                    mine += job.get("scientist") == scientist
+        for _, raw in txn.cursor(db=self._db["jobs"]):
+            job = _unpack(raw)
+            if job.get("state") == "queued":
+                total += 1
+                mine += job.get("scientist") == scientist
         return {"mine": mine, "all": total}
 
     # -- the data owner (see owner.py) -------------------------------------------------------------------------------

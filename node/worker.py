@@ -32,8 +32,10 @@ Isolation, in order:
 3. once the dataset is copied out of LMDB: ``RLIMIT_FSIZE`` 0 (the job has no reason to write a file).
 
 A later job in the same process applies its limits again; they can only stay or go down (``_set_limit`` never raises
-one, and ``RLIMIT_FSIZE`` is 0 from the first job on). Between jobs the worker drops the finished job's objects and
-returns freed heap to the kernel (:func:`_release_memory`).
+one, and ``RLIMIT_FSIZE`` is 0 from the first job on). Between jobs the worker keeps only what the next round of the
+same federation would load again (:class:`_Kept`: the program, the dataset's rows, never handed to a program
+themselves but as copies), drops the rest of the finished job's objects and returns freed heap to the kernel
+(:func:`_release_memory`).
 
 The real stdout descriptor is kept for frames only; fd 1 and ``sys.stdout`` point at stderr so a stray ``print`` in a
 library cannot corrupt the stream. Nothing derived from the data other than the trained weights and aggregate metrics
@@ -828,7 +830,9 @@ class _Kept:
     CNN), its eval copy, the dataset's tensors (content-addressed by ``data_key``) and the number of classes the
     model's output was probed for. Each entry is checked against the job before use: the program by its sha256, the
     data by store and key. The job's weights replace every parameter and buffer (:func:`reload_weights`), so nothing
-    trained in an earlier job reaches the next one but through the weights that job was sent.
+    trained in an earlier job reaches the next one but through the weights that job was sent. The kept rows are never
+    handed to the program themselves, only copies (indexing with a tensor copies; slices are cloned), so an in-place
+    op in one job's graph cannot change what the next job trains or evaluates on.
     """
 
     def __init__(self) -> None:
@@ -837,10 +841,12 @@ class _Kept:
         self.eval_module: Any = None
         self.data_id: tuple[str, str, str] | None = None
         self.data: tuple[Any, Any] | None = None
-        self.n_classes: int | None = None  # for (program_hash, data_id)
+        self.checked = False  # the kept program was checked against the kept rows (input shape, classes)
+        self.n_classes: int | None = None  # what that check found
 
     def forget_program(self) -> None:
         self.program_hash = self.module = self.eval_module = self.n_classes = None
+        self.checked = False
 
 
 _kept = _Kept()
@@ -903,12 +909,14 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     data_id = (job["store_path"], job["data_key"], recipe.task)
     if _kept.data_id != data_id:
         _kept.data_id = _kept.data = _kept.n_classes = None
+        _kept.checked = False
         _kept.data = _load_dataset(job["store_path"], job["data_key"], recipe.task)
         _kept.data_id = data_id
     features, labels = _kept.data
     _set_limit(resource.RLIMIT_FSIZE, 0)  # from here on the job has no file to write
     module, kept = _module_for(job)
-    if not kept:
+    checked = kept and _kept.checked  # this program was already checked against these rows
+    if not checked:
         try:
             expected = program_input_shape(module)
         except PlanError as exc:
@@ -918,16 +926,16 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         if len(expected) != len(sample_shape) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
             raise JobError("bad_data", "the model's input shape does not match the dataset's sample shape")
     received = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    n_classes = _kept.n_classes if kept else None
-    if recipe.task == "classification" and n_classes is None:
+    n_classes = _kept.n_classes if checked else None
+    if recipe.task == "classification" and not checked:
         with torch.no_grad():  # on an eval copy: a probe must not move batch-norm statistics
-            probe = _eval_module(module)(features[:1])
+            probe = _eval_module(module)(features[:1].clone())  # a copy: the kept rows are never handed out
         if probe.dim() != 2:
             raise JobError("bad_data", "a classification model must return [batch, classes]")
         n_classes = int(probe.shape[1])
         if int(labels.max()) >= n_classes:
             raise JobError("bad_data", "labels exceed the model's number of classes")
-        _kept.n_classes = n_classes
+    _kept.n_classes, _kept.checked = n_classes, True
     if recipe.kind == "evaluate":
         return _run_evaluate(recipe, module, features, labels, n_classes, load_s=time.monotonic() - t0)
     train_idx, eval_idx = _split(features.shape[0], recipe.eval_fraction, recipe.seed)
@@ -1042,7 +1050,9 @@ def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classe
     n = int(features.shape[0])
     with torch.no_grad():
         for start in range(0, n, recipe.batch_size):
-            x, y = features[start : start + recipe.batch_size], labels[start : start + recipe.batch_size]
+            # copies, not views: a program's in-place op must not reach the rows a parked worker keeps for later jobs
+            x = features[start : start + recipe.batch_size].clone()
+            y = labels[start : start + recipe.batch_size].clone()
             output = evaluator(x)
             losses = _example_losses(recipe, output, y, n_classes).to(torch.float64)
             if plan is not None:  # each example adds at most 1: a NaN or inf counts as max_loss
@@ -1166,9 +1176,10 @@ def main() -> NoReturn:
 
 
 def _release_memory() -> None:
-    """After a job: collect its objects (reference cycles of the loaded program too) and give the freed heap back to
-    the kernel, so a worker waiting for its next job holds little memory and that job's RSS, which the pool polls
-    against its limit, starts from what the imports left rather than from the previous job's peak."""
+    """After a job: collect its objects and give the freed heap back to the kernel, so a worker waiting for its next
+    job holds the imports and what :class:`_Kept` keeps, not the previous job's peak (the pool polls RSS against the
+    next job's limit). The imports were frozen out of the collector's sight at start (``gc.freeze``), so this costs
+    milliseconds, not the 0.15 s a full collection of torch's objects took per job."""
     import gc
 
     gc.collect()

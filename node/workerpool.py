@@ -34,7 +34,8 @@ one extra torch import, in its first round.
 
 Why this is safe: the plan is data (an audited graph, no code), and the only state a second job can meet in the
 process is what the first one left there, which came from the same scientist's program on the same dataset; the
-key admits no other job. Each job gets its own wall-time deadline and RSS watcher exactly as a fresh worker would,
+key admits no other job. The worker keeps the loaded program and the dataset's rows between such jobs; new weights
+replace every tensor of the program, and the rows are handed to each job as copies (``worker.py``, ``_Kept``). Each job gets its own wall-time deadline and RSS watcher exactly as a fresh worker would,
 and the worker applies the job's limits again (same values: they only ever go down). A worker is parked only after
 a well-formed ``result``; one whose job failed, timed out, exceeded its memory, broke the protocol or was killed is
 never reused. A job with a CPU-time limit is never run on a parked worker nor parked: ``RLIMIT_CPU`` counts the
@@ -98,14 +99,20 @@ def _tree_rss(proc: psutil.Process) -> int:
         try:
             with open(f"/proc/{pid}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * _PAGE
-            for task in os.listdir(f"/proc/{pid}/task"):
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            if pid == proc.pid:
+                raise psutil.NoSuchProcess(pid) from None
+            continue  # a descendant that exited while we looked
+        for task in tasks:
+            try:
                 with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
                     stack.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            if pid == proc.pid and not total:
-                raise psutil.NoSuchProcess(pid) from None
-            # a descendant, or a thread, that exited while we looked
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that exited (its children went to another thread of the process)
     return total
+
+
 _CLAIM_ATTEMPTS = 3
 
 

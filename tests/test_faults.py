@@ -148,5 +148,20 @@ async def test_a_scientist_cannot_flood_the_queue(home, plan_factory):
                     outcomes.append(exc.code)
             assert outcomes.count(ErrorCode.BUSY) >= 2 and len(set(outcomes) - {ErrorCode.BUSY}) >= 2
             assert len(await other.submit("digits", plan)) == 32  # another scientist is not starved
+
+        # Eight submits at once from a third scientist: the limit holds for requests checked concurrently too.
+        async with Client.connect(daemon.address) as burst:
+            codes = []
+
+            async def one() -> None:
+                try:
+                    codes.append(len(await burst.submit("digits", plan)))
+                except RemoteError as exc:
+                    codes.append(exc.code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one)
+            assert codes.count(32) == 2 and codes.count(ErrorCode.BUSY) == 6, codes
     finally:
         daemon.stop()

@@ -20,8 +20,11 @@ SAMPLES = [
     (JOB_PROTOCOL, JobAccepted(job_id="j", state="queued")),
     (JOB_PROTOCOL, WatchJob(job_id="j", since=3, wait_s=1.5)),
     (JOB_PROTOCOL, JobStatus(job_id="j", state="running", seq=4, progress={"epoch": 1, "loss": 0.5})),
+    (JOB_PROTOCOL, WatchJob(job_id="j", wait_s=30.0, until_done=True)),
     (JOB_PROTOCOL, FetchResult(job_id="j")),
+    (JOB_PROTOCOL, FetchResult(job_id="j", wait_s=30.0)),
     (JOB_PROTOCOL, JobResultMsg(job_id="j", result=b"r", signoff=b"s")),
+    (JOB_PROTOCOL, JobResultMsg(job_id="j", result=b"r", signoff=b"s", timings={"train_s": 0.5})),
     (JOB_PROTOCOL, ErrorReply(code="replay", message="seen")),
 ]
 
@@ -29,6 +32,16 @@ SAMPLES = [
 @pytest.mark.parametrize("protocol, message", SAMPLES, ids=lambda v: getattr(v, "TAG", ""))
 def test_round_trip(protocol, message):
     assert protocol.decode(protocol.encode(message)) == message
+
+
+def test_fields_left_at_their_default_are_not_sent():
+    """A field added later reaches a peer that predates it (and would refuse it as unknown) only when it is used."""
+    assert msgpack.unpackb(JOB_PROTOCOL.encode(FetchResult(job_id="j"))) == {"t": "get", "job_id": "j"}
+    assert msgpack.unpackb(JOB_PROTOCOL.encode(WatchJob(job_id="j", since=2, wait_s=30.0))) == {
+        "t": "watch", "job_id": "j", "since": 2, "wait_s": 30.0}
+    assert msgpack.unpackb(JOB_PROTOCOL.encode(WatchJob(job_id="j", until_done=True)))["until_done"] is True
+    assert msgpack.unpackb(JOB_PROTOCOL.encode(JobResultMsg(job_id="j", result=b"r", signoff=b"s"))) == {
+        "t": "res", "job_id": "j", "result": b"r", "signoff": b"s"}
 
 
 @pytest.mark.parametrize("obj", [

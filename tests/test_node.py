@@ -223,7 +223,7 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
         await trio.run_process([*cli, "reject", rejected, "--reason", "too revealing"])
         again = await trio.run_process([*cli, "approve", rejected], check=False, capture_stderr=True)
         assert again.returncode == 4 and b"withheld" in again.stderr
-        result = await client.result(approved, wait_s=60)  # answered as soon as the approval lands
+        result = await client.result(approved, wait_s=60)  # released by the approval: the long poll answers at once
         assert result.signoff.decision == "owner" and result.signoff.dataset == "digits-manual"
         assert (await client.wait(approved, timeout=60)).state == "released"
         status = await client.wait(rejected, timeout=60)
@@ -242,6 +242,14 @@ async def test_one_long_poll_fetch_per_job(node, plan_factory):
     plan = plan_factory(epochs=1)
     async with Client.connect(node.address) as client:
         await client.datasets()
+        requests = []
+        send = client.host.request
+
+        async def counted(*args, **kwargs):
+            requests.append(type(args[2]).__name__)
+            return await send(*args, **kwargs)
+
+        client.host.request = counted  # a spy on the real host: every request still goes over the wire
         job_id = await client.submit("digits", plan)
         with trio.fail_after(300):
             while True:
@@ -250,6 +258,7 @@ async def test_one_long_poll_fetch_per_job(node, plan_factory):
                     break
                 except RemoteError as exc:
                     assert exc.code == ErrorCode.NOT_READY
+        assert requests == ["SubmitJob", "FetchResult"]  # a 1-epoch job ends well within one 30 s poll
         assert result.signoff.plan_hash == plan.hash and result.metrics["epochs"] == 1
         assert result.timings["train_s"] > 0 and result.timings["finished"] >= result.timings["started"]
         status = await client.wait(job_id, timeout=30)  # no progress callback: one long poll, answered at once

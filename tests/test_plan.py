@@ -355,6 +355,35 @@ def test_reload_weights_replaces_every_tensor_or_nothing(digits_plan: tuple[Digi
         assert torch.allclose(module(x), other(x), atol=1e-6)
 
 
+class _WithBatchNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+        self.bn = torch.nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x.reshape(x.shape[0], 64)))
+
+
+def test_reload_weights_replaces_buffers_too() -> None:
+    """Batch-norm statistics a job moved are buffers: the next job's weights replace them, in its eval copy too."""
+    torch.manual_seed(0)
+    plan = build_plan(_WithBatchNorm(), digits_example_input(), {"epochs": 1})
+    module = load_program(plan.program, plan.weights)
+    module(torch.rand(8, 1, 8, 8) * 5)  # training mode: moves running_mean / running_var / num_batches_tracked
+    assert int(module.state_dict()["bn.num_batches_tracked"]) == 1
+    torch.manual_seed(1)
+    fresh = _WithBatchNorm()
+    fresh.bn.running_mean.fill_(0.25)
+    reload_weights(module, save({k: v.detach().contiguous() for k, v in fresh.state_dict().items()}))
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(module.state_dict()[name], tensor), name
+    x = torch.rand(6, 1, 8, 8)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(to_eval_module(module)(x), fresh(x), atol=1e-6)
+
+
 def test_trained_module_and_apply_weights(digits_plan: tuple[DigitsCNN, Plan]) -> None:
     _, plan = digits_plan
     module = load_program(plan.program, plan.weights)

@@ -12,8 +12,9 @@ import psutil
 import pytest
 import torch
 import trio
+from safetensors.torch import save
 
-from hivecell.node.plan import Plan, apply_weights, build_plan
+from hivecell.node.plan import Plan, apply_weights, build_plan, load_weights
 from hivecell.node.workerpool import WorkerFailed, WorkerJob, WorkerLimits, open_worker_pool
 from hivecell.node.zoo import DigitsCNN, digits_example_input
 
@@ -146,12 +147,20 @@ async def test_a_failed_job_ends_its_worker(digits_store: tuple[Path, str], digi
         assert failed.value.code == "bad_data"
         assert _worker_pids() == {again.worker_pid}
 
-        # The parked worker kept the loaded program; weights that do not fit it fail there as in a fresh worker.
-        with pytest.raises(WorkerFailed) as failed:
-            await pool.run_job(_job(digits_store, digits_plan, key=KEY, job_id="bad-3", recipe=quick,
-                                    weights=too_few_classes.weights), limits=LIMITS)
-        assert failed.value.code == "bad_plan" and "do not match" in failed.value.reason
-        assert _worker_pids() == set()
+        # The parked worker kept the loaded program; weights that do not fit it (a tensor of another shape, or other
+        # tensors) fail there as in a fresh worker, and end it.
+        tensors = load_weights(digits_plan.weights)
+        reshaped = save(dict(tensors, **{name: torch.zeros(t.shape[0] + 1, *t.shape[1:])
+                                         for name, t in list(tensors.items())[-1:]}))
+        for job_id, weights in (("bad-3", reshaped), ("bad-4", too_few_classes.weights)):
+            parked = await pool.run_job(_job(digits_store, digits_plan, key=KEY, job_id=f"ok-{job_id}",
+                                             recipe=quick), limits=LIMITS)
+            assert _worker_pids() == {parked.worker_pid}
+            with pytest.raises(WorkerFailed) as failed:
+                await pool.run_job(_job(digits_store, digits_plan, key=KEY, job_id=job_id, recipe=quick,
+                                        weights=weights), limits=LIMITS)
+            assert failed.value.code == "bad_plan" and "do not match" in failed.value.reason
+            assert _worker_pids() == set()
 
 
 async def test_an_idle_parked_worker_is_let_go(digits_store: tuple[Path, str], digits_plan: Plan) -> None:
