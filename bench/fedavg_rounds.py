@@ -24,8 +24,8 @@ on one box, N such imports at once would spread over the next several rounds and
 on real nodes each import would compete only with its own node's work. So the coordinator also waits after round 1
 until the replacements are ready (``spare_refill_s``, inside no round's time), but at most until 10 s before the
 nodes would let their parked Workers go (60 s idle, ``reuse_idle_s``); ``spare_refill_complete`` is false if the
-imports were still running then (at N = 16 on 2 cores they take longer and rounds 2-3 pay the rest: give N = 16 a few
-more rounds, e.g. ``--rounds 5 5 6``, so that the median is of steady rounds). ``--no-settle`` skips both waits and
+imports were still running then (at N = 16 on 2 cores they take longer and rounds 2-3 pay the rest, so the default
+``--rounds`` gives N = 16 ten rounds, and the median is of steady rounds). ``--no-settle`` skips both waits and
 measures the product as it runs, spare imports included.
 
 Daemons run with ``--warm-workers 1 --worker-threads 1``: N nodes share this box's cores (2 on the dev box), and one
@@ -65,7 +65,7 @@ core). Medians of 3 after a warm-up.
 Goal (issue 4): overhead under 0.5 s per round at N = 8, and overhead that grows no faster than linearly with N:
 ``overhead_growth`` = (overhead at the largest N / at the smallest N) / (largest N / smallest N), at most 1.
 
-Usage: ``python bench/fedavg_rounds.py [--nodes 4 8 16] [--rounds 5 | --rounds 5 5 6]``. Progress goes to stderr (one
+Usage: ``python bench/fedavg_rounds.py [--nodes 4 8 16] [--rounds 6 | --rounds 6 6 10]``. Progress goes to stderr (one
 line per round), the JSON to stdout. Every daemon is stopped and every temporary home removed on exit, Ctrl-C and
 SIGTERM included. Linux (psutil, /proc).
 """
@@ -592,12 +592,15 @@ def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16], help="node counts (default 4 8 16)")
-    parser.add_argument("--rounds", type=int, nargs="+", default=[5],
-                        help="rounds per federation: one value for every N, or one per --nodes value (default 5)")
+    parser.add_argument("--rounds", type=int, nargs="+", default=None,
+                        help="rounds per federation: one value for every N, or one per --nodes value (default 6, and "
+                             "10 from N = 16 on, where the spare refill after round 1 outlasts a few rounds)")
     parser.add_argument("--warm-workers", type=int, default=1, help="each daemon's --warm-workers (default 1)")
     parser.add_argument("--no-settle", action="store_true",
                         help="do not wait for the warm spares to be ready, before round 1 and after it")
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = [10 if n >= 16 else 6 for n in args.nodes]
     if len(args.rounds) not in (1, len(args.nodes)):
         parser.error("--rounds takes one value or one per --nodes value")
     if any(n < 1 for n in args.nodes) or any(r < 1 for r in args.rounds):
