@@ -35,7 +35,7 @@ uncontended time times N / C: the training the round waits for is a contended on
 against it.
 
 Where the overhead goes: each job's timeline is put together from this process's calls (``Client.submit``,
-``result`` and ``verify`` are wrapped with timestamping shims for the run; nothing else changes) and the node's own job
+``submit_and_fetch``, ``result`` and ``verify`` are wrapped with timestamping shims for the run; nothing else changes) and the node's own job
 record (``timings``: received, started, worker_wait_s, load_s, train_s, eval_s, finished, signoff_s; ``updated`` is
 the release). For the round's last-fetched job (the critical path) the round splits exactly into
 
@@ -45,9 +45,9 @@ the release). For the round's last-fetched job (the critical path) the round spl
   worker        claimed until the Worker's result was back in the daemon; split into worker_wait, load, train, eval
                 and worker_other (frames over the pipes, pool bookkeeping)
   release       storing the result and signing it off (``signoff_s`` is part of it)
-  fetch         release until the coordinator holds the verified result: its long-poll fetch (one request per job,
-                answered when the job ends) returns the result, which is checked against its sign-off
-                (``verify_s`` is part of it)
+  fetch         release until the coordinator holds the verified result: the node answers on the job's own stream
+                (one per job: submit, accepted, and the result when the job ends), and the result is checked
+                against its sign-off (``verify_s`` is part of it)
   after         last fetch until the round's end: decoding, screening, aggregation, and ``evaluate_s``
 
 On loopback the N nodes and the coordinator share this box's cores, so wall times include waiting for a core (check
@@ -342,10 +342,11 @@ class JobClock:
 
     @contextmanager
     def installed(self) -> Iterator[JobClock]:
-        """Wrap ``Client.submit``, ``result`` and ``verify`` for the duration; then put the originals back."""
+        """Wrap ``Client.submit``, ``submit_and_fetch``, ``result`` and ``verify`` for the duration; then put the
+        originals back."""
         from hivecell.node.client import Client
 
-        submit, result, verify = Client.submit, Client.result, Client.verify
+        submit, submit_and_fetch, result, verify = Client.submit, Client.submit_and_fetch, Client.result, Client.verify
         clock = self
 
         async def timed_submit(client: Any, dataset: str, plan: Any) -> str:
@@ -354,6 +355,14 @@ class JobClock:
             clock.jobs[job_id] = {"round": clock.round, "node": client.node, "submit_start": t0,
                                   "submit_end": time.time()}
             return job_id
+
+        async def timed_submit_and_fetch(client: Any, dataset: str, plan: Any, **kwargs: Any) -> Any:
+            t0 = time.time()
+            job_id, out = await submit_and_fetch(client, dataset, plan, **kwargs)
+            clock.jobs[job_id] = {"round": clock.round, "node": client.node, "submit_start": t0}
+            if out is not None:
+                clock.jobs[job_id]["fetch_end"] = time.time()
+            return job_id, out
 
         async def timed_result(client: Any, job_id: str, **kwargs: Any) -> Any:
             out = await result(client, job_id, **kwargs)
@@ -367,11 +376,13 @@ class JobClock:
             finally:
                 clock.jobs.setdefault(job_id, {})["verify_s"] = time.perf_counter() - t0
 
-        Client.submit, Client.result, Client.verify = timed_submit, timed_result, timed_verify
+        Client.submit, Client.submit_and_fetch, Client.result, Client.verify = (
+            timed_submit, timed_submit_and_fetch, timed_result, timed_verify)
         try:
             yield self
         finally:
-            Client.submit, Client.result, Client.verify = submit, result, verify
+            Client.submit, Client.submit_and_fetch, Client.result, Client.verify = (
+                submit, submit_and_fetch, result, verify)
 
 
 def job_phases(clock: dict[str, Any], record: dict[str, Any]) -> dict[str, float] | None:

@@ -139,23 +139,66 @@ class Client:
         self._datasets = {d.name: d for d in out}
         return out
 
+    def _request(self, dataset: str, plan: Any, wait_s: float = 0.0) -> tuple[str, SubmitJob]:
+        job_id = uuid.uuid4().hex
+        request = seal(self.host.identity, JOB_DOMAIN, {
+            "job_id": job_id, "node": self.node, "dataset": dataset, "plan_hash": plan.hash, "recipe": plan.recipe,
+        }, ttl=JOB_REQUEST_TTL_S, with_nonce=True)
+        return job_id, SubmitJob(request=request, program=plan.program, weights=plan.weights, wait_s=wait_s)
+
+    def _accepted(self, job_id: str, reply: object, dataset: str, plan: Any) -> None:
+        if not isinstance(reply, JobAccepted):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node did not answer a job request with its acceptance")
+        if reply.job_id != job_id:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node accepted another job than the one sent")
+        self._plans[job_id] = (dataset, plan.hash)
+
     async def submit(self, dataset: str, plan: Any) -> str:
         """Send ``plan`` (from :func:`hivecell.node.plan.build_plan`) to run on ``dataset``; return the job id.
 
         Raises:
             RemoteError: the node refused the job (``.code`` says why: unknown_dataset, bad_recipe, bad_plan, ...).
         """
-        job_id = uuid.uuid4().hex
-        request = seal(self.host.identity, JOB_DOMAIN, {
-            "job_id": job_id, "node": self.node, "dataset": dataset, "plan_hash": plan.hash, "recipe": plan.recipe,
-        }, ttl=JOB_REQUEST_TTL_S, with_nonce=True)
-        reply = await self.host.request(
-            self.node, JOB_PROTOCOL, SubmitJob(request=request, program=plan.program, weights=plan.weights),
-            expect=JobAccepted, timeout=120.0)
-        if reply.job_id != job_id:
-            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node accepted another job than the one sent")
-        self._plans[job_id] = (dataset, plan.hash)
+        job_id, message = self._request(dataset, plan)
+        reply = await self.host.request(self.node, JOB_PROTOCOL, message, expect=JobAccepted, timeout=120.0)
+        self._accepted(job_id, reply, dataset, plan)
         return job_id
+
+    async def submit_and_fetch(self, dataset: str, plan: Any, *, wait_s: float = MAX_WATCH_S
+                               ) -> tuple[str, JobResult | None]:
+        """Submit, then on the same stream wait up to ``wait_s`` for the verified result: one stream per job, as a
+        FedAvg round wants. Returns ``(job_id, result)``; ``result`` is ``None`` if the job had not ended by then or
+        the stream ended before the second answer (the node may predate it): go on with :meth:`result`.
+
+        Raises:
+            RemoteError: the node refused the job (as :meth:`submit`).
+            JobFailed: the job failed or its owner withheld the result.
+            ResultRejected: the result's sign-off does not verify.
+        """
+        job_id, message = self._request(dataset, plan, wait_s=wait_s)
+        async with self.host.conversation(self.node, JOB_PROTOCOL, message) as replies:
+            self._accepted(job_id, await replies.receive(timeout=120.0), dataset, plan)
+            try:
+                reply = await replies.receive(timeout=min(wait_s, MAX_WATCH_S) + 120.0)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.JOB_FAILED:
+                    raise JobFailed(job_id, JobState.FAILED.value, exc.message) from None
+                if exc.code == ErrorCode.WITHHELD:
+                    raise JobFailed(job_id, JobState.WITHHELD.value, exc.message) from None
+                if exc.code == ErrorCode.NOT_READY:
+                    return job_id, None
+                raise
+            except PeerUnreachable:  # the stream broke after the acceptance: the job is the node's; ask again
+                return job_id, None
+        if reply is None:
+            return job_id, None
+        if not isinstance(reply, JobResultMsg):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered a job request with neither a result nor why")
+        if reply.job_id != job_id:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered about another job")
+        if dataset not in self._datasets:
+            await self.datasets()  # the owner to check the sign-off against comes from the signed advert
+        return job_id, replace(self.verify(job_id, reply.result, reply.signoff), timings=dict(reply.timings))
 
     async def status(self, job_id: str, *, since: int = 0, wait_s: float = 0.0, until_done: bool = False
                      ) -> JobStatus:

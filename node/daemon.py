@@ -98,6 +98,8 @@ class Daemon:
         if isinstance(message, SubmitJob):
             job = await self._submit(peer, message)
             await reply.send(JobAccepted(job_id=job["id"], state=job["state"]))
+            if message.wait_s > 0:  # the same stream carries the result (or why there is none yet)
+                await reply.send(await self._fetch(peer, FetchResult(job_id=job["id"], wait_s=message.wait_s)))
         elif isinstance(message, WatchJob):
             await reply.send(_status(await self._watch(peer, message)))
         elif isinstance(message, FetchResult):

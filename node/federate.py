@@ -238,14 +238,14 @@ async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecor
     """Run one participant's job; put its verified update in ``updates`` or its reason in ``record``."""
     peer = node.peer
     try:
-        job_id = await node.client.submit(node.dataset, plan)
-        record.bytes_sent += len(plan.program) + len(plan.weights)
         with trio.fail_after(max(0.0, deadline - trio.current_time())):
-            while True:  # one long-poll fetch per job: the node answers when the job has ended
+            # One stream per job: the node accepts the job and answers again on the same stream when it has ended.
+            job_id, result = await node.client.submit_and_fetch(node.dataset, plan, wait_s=MAX_WATCH_S)
+            record.bytes_sent += len(plan.program) + len(plan.weights)
+            while result is None:  # not ended within one long poll (or an older node): long-poll fetches
                 asked = trio.current_time()
                 try:
                     result = await node.client.result(job_id, wait_s=MAX_WATCH_S)
-                    break
                 except RemoteError as exc:
                     if exc.code == ErrorCode.NOT_READY:  # still queued, running or awaiting the owner's sign-off
                         # a node that answers at once instead of waiting must not make us spin

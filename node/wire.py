@@ -38,6 +38,9 @@ class SubmitJob(Message):
     request: bytes  # signed "job" record: job_id, node, dataset, plan_hash, recipe, nonce
     program: bytes
     weights: bytes
+    # > 0: after JobAccepted, keep the stream and answer a second time, as FetchResult with this wait_s would (the
+    # result, or an error: not_ready, job_failed, withheld): one stream per job for a caller that wants no progress
+    wait_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

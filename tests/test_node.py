@@ -11,6 +11,7 @@ import time
 
 import msgpack
 import pytest
+import torch
 import trio
 
 from hivecell.crypto.identity import Identity
@@ -19,7 +20,7 @@ from hivecell.crypto.signoff import SignOff, sign_signoff
 from hivecell.mesh.frame import read_frame
 from hivecell.mesh.host import RemoteError
 from hivecell.mesh.message import ErrorCode
-from hivecell.node.client import Client, ResultRejected
+from hivecell.node.client import Client, JobFailed, ResultRejected
 from hivecell.node.release import encode_result
 from hivecell.node.store import Store
 from hivecell.node.wire import DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, JobAccepted, SubmitJob
@@ -199,7 +200,9 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
     home = home_of(node)
     async with Client.connect(node.address) as client:
         await client.datasets()
-        approved = await client.submit("digits-manual", plan)
+        t0 = time.monotonic()
+        approved, none_yet = await client.submit_and_fetch("digits-manual", plan, wait_s=1)
+        assert none_yet is None and time.monotonic() - t0 >= 1  # waited its second, then: not ready
         rejected = await client.submit("digits-manual", plan_factory(epochs=2, seed=1))  # another result
         for job_id in (approved, rejected):
             seen = []
@@ -237,32 +240,52 @@ async def test_manual_signoff_approve_and_reject(node, plan_factory):
         assert store.get_blob(store.get_job(approved)["result_hash"]) is not None
 
 
-async def test_one_long_poll_fetch_per_job(node, plan_factory):
-    """What a FedAvg round does on each node: submit, then one fetch that the node answers when the job is done."""
+class _FiveClasses(torch.nn.Module):
+    """Fewer classes than the digits have labels: its job fails in the Worker (bad_data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], 64))
+
+
+async def test_one_stream_per_job(node, plan_factory):
+    """What a FedAvg round does on each node: submit, and the node answers on the same stream when the job is done."""
+    from hivecell.node.plan import build_plan
+    from hivecell.node.zoo import digits_example_input
+
     plan = plan_factory(epochs=1)
     async with Client.connect(node.address) as client:
         await client.datasets()
-        requests = []
-        send = client.host.request
+        streams = []
+        conversation = client.host.conversation
 
-        async def counted(*args, **kwargs):
-            requests.append(type(args[2]).__name__)
-            return await send(*args, **kwargs)
+        def counted(*args, **kwargs):  # every request opens one stream here (MeshHost.request too)
+            streams.append(type(args[2]).__name__)
+            return conversation(*args, **kwargs)
 
-        client.host.request = counted  # a spy on the real host: every request still goes over the wire
-        job_id = await client.submit("digits", plan)
-        with trio.fail_after(300):
-            while True:
-                try:
-                    result = await client.result(job_id, wait_s=30)
-                    break
-                except RemoteError as exc:
-                    assert exc.code == ErrorCode.NOT_READY
-        assert requests == ["SubmitJob", "FetchResult"]  # a 1-epoch job ends well within one 30 s poll
-        assert result.signoff.plan_hash == plan.hash and result.metrics["epochs"] == 1
+        client.host.conversation = counted  # a spy on the real host: every request still goes over the wire
+        job_id, result = await client.submit_and_fetch("digits", plan, wait_s=30)
+        assert result is not None, "a 1-epoch job ends well within one 30 s wait"
+        assert streams == ["SubmitJob"]
+        assert result.job_id == job_id and result.signoff.plan_hash == plan.hash and result.metrics["epochs"] == 1
         assert result.timings["train_s"] > 0 and result.timings["finished"] >= result.timings["started"]
-        status = await client.wait(job_id, timeout=30)  # no progress callback: one long poll, answered at once
-        assert status.state == "released" and status.seq >= 3
+
+        # the long-poll fetch gives the same verified result; Client.wait without progress is one request
+        again = await client.result(job_id, wait_s=30)
+        assert again.result_hash == result.result_hash and again.timings == result.timings
+        status = await client.wait(job_id, timeout=30)
+        assert status.state == "released"
+        assert streams == ["SubmitJob", "FetchResult", "WatchJob"], streams
+
+        # a job that fails in the Worker: the second answer says so
+        failing = build_plan(_FiveClasses(), digits_example_input(), {"epochs": 1})
+        with pytest.raises(JobFailed) as failed:
+            await client.submit_and_fetch("digits", failing, wait_s=30)
+        assert failed.value.state == "failed" and "classes" in failed.value.reason
+
         with pytest.raises(RemoteError) as err:
             await client.result("0" * 32, wait_s=30)
         assert err.value.code == ErrorCode.UNKNOWN_JOB
