@@ -359,7 +359,8 @@ class JobClock:
         async def timed_submit_and_fetch(client: Any, dataset: str, plan: Any, **kwargs: Any) -> Any:
             t0 = time.time()
             job_id, out = await submit_and_fetch(client, dataset, plan, **kwargs)
-            clock.jobs[job_id] = {"round": clock.round, "node": client.node, "submit_start": t0}
+            # update, not replace: the verify shim has already stamped this job when the result came on this stream
+            clock.jobs.setdefault(job_id, {}).update(round=clock.round, node=client.node, submit_start=t0)
             if out is not None:
                 clock.jobs[job_id]["fetch_end"] = time.time()
             return job_id, out
