@@ -12,7 +12,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - trio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["BaseExceptionGroup", "leaves"]
+__all__ = ["BaseExceptionGroup", "MdnsError", "leaves"]
+
+
+class MdnsError(Exception):
+    """mDNS cannot run as configured (an unknown interface, or none with an IPv4 address)."""
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

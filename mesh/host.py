@@ -101,6 +101,21 @@ class MeshHost:
         """Listen addresses, each ending in ``/p2p/<peer id>``."""
         return [str(a) for a in self._host.get_addrs()]
 
+    @property
+    def libp2p(self):
+        """The py-libp2p host underneath, for services built on it (gossipsub, the DHT)."""
+        return self._host
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close the connection to ``peer_id``, if any (no error if there is none)."""
+        try:
+            await self._host.disconnect(ID.from_base58(peer_id))
+        except Exception as exc:
+            logger.debug("disconnect from %s: %r", short(peer_id), exc)
+
     def serve(self, protocol: Protocol, handler: Handler) -> None:
         """Answer requests of ``protocol`` with ``handler(peer_id, message, reply)``.
 

@@ -23,7 +23,7 @@ from .config import (
     OPTIONS, ConfigError, ConfigParserMissing, Setting, Source, config_path, daemon_kwargs, example_config, load_file,
     resolve, validate_multiaddr,
 )
-from hivecell.mesh.errors import leaves
+from hivecell.mesh.errors import MdnsError, leaves
 
 from .home import Home, default_home
 
@@ -178,17 +178,56 @@ class _Multiaddr(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Peer(_Multiaddr):
+    """A multiaddr that ends in /p2p/<peer id>."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .config import validate_item
+
+        try:
+            return validate_item(_BY_KEY["bootstrap"], str(value).strip())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Interface(_Multiaddr):
+    """An interface name or IPv4 address; in an environment variable, several are separated by commas."""
+
+    name = "interface"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .config import validate_item
+
+        try:
+            return validate_item(_BY_KEY["mdns_interfaces"], str(value).strip())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_BY_KEY = {o.key: o for o in OPTIONS}
+
+
 def _daemon_options(command: Any) -> Any:
     """The daemon's options (config.OPTIONS) as flags, each with its environment variable.
 
     The flags default to ``None`` so that the config file can fill what neither a flag nor the environment set; the
-    help text states the built-in default.
+    help text states the built-in default. A list option's flag is singular (``--mdns-interface eth0``, repeatable).
     """
     for option in reversed(OPTIONS):
         kwargs: dict[str, Any] = {"envvar": option.envvar, "show_envvar": True, "default": None}
+        if option.kind is bool:
+            name = option.flag[2:]
+            default = f" Default: {'on' if option.default else 'off'}."
+            command = click.option(f"--{name}/--no-{name}", option.key, help=option.help + default,
+                                   **kwargs)(command)
+            continue
         if option.kind is list:
-            kwargs.update(multiple=True, type=_Multiaddr(), metavar="MULTIADDR",
+            interface = option.item == "interface"
+            kwargs.update(multiple=True,
+                          type=_Interface() if interface else _Peer() if option.item == "peer" else _Multiaddr(),
+                          metavar="IFACE" if interface else "MULTIADDR",
                           help=option.help + " In the environment: comma-separated.")
+
         else:
             range_type = click.IntRange if option.kind is int else click.FloatRange
             default = "" if option.default is None else f" Default: {option.default}."
@@ -263,9 +302,142 @@ def run(ctx: click.Context, **params: Any) -> None:
         for leaf in leaves(exc):
             if isinstance(leaf, DaemonRunning):
                 raise CliError(str(leaf), ExitCode.CONFLICT) from exc
+            if isinstance(leaf, MdnsError):
+                raise CliError(f"mDNS: {leaf} (see --mdns-interface, or --no-mdns)", ExitCode.BAD_INPUT) from exc
             if isinstance(leaf, OSError):
                 raise CliError(f"cannot start the daemon: {leaf}", ExitCode.FAILURE) from exc
         raise
+
+
+def _join_options(command: Any) -> Any:
+    """How a command that is not the daemon finds the mesh (search, peers)."""
+    command = click.option("--mdns-interface", "mdns_interfaces", multiple=True, type=_Interface(),
+                           metavar="IFACE", help="Browse mDNS on this interface (name or IPv4 address), repeatable. "
+                                                 "Default: every non-loopback interface. Nothing is announced.")(command)
+    command = click.option("--mdns/--no-mdns", default=True, show_default=True,
+                           help="Look for peers on the LAN with mDNS.")(command)
+    command = click.option("--bootstrap", multiple=True, type=_Peer(), metavar="MULTIADDR",
+                           help="A peer to dial (/ip4/HOST/tcp/PORT/p2p/PEER_ID), repeatable; with no daemon in "
+                                "this home and no mDNS, the only way in.")(command)
+    command = click.option("--timeout", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+                           help="Seconds to look for peers and answers.")(command)
+    return command
+
+
+def _client_identity(ctx: click.Context) -> Any:
+    home = _home(ctx)
+    return home.identity() if home.is_initialized() else None
+
+
+def _with_daemon_bootstrap(ctx: click.Context, bootstrap: tuple[str, ...]) -> list[str]:
+    """The given bootstrap addresses, plus this home's running daemon (a scientist on a node box gets in at once)."""
+    info = _home(ctx).daemon_info() if _home(ctx).daemon_running() else None
+    return list(bootstrap) + ([a for a in info.get("addrs", []) if "/ip4/0.0.0.0/" not in a][:1] if info else [])
+
+
+def _advert_view(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "node": info.node, "owner": info.owner, "tags": info.tags,
+            "description": info.description, "schema": info.schema, "signoff": info.signoff, "addrs": info.addrs,
+            "budget": info.budget, "issued_at": info.issued_at, "expires_at": info.expires_at}
+
+
+@cli.command()
+@click.argument("words", nargs=-1)
+@click.option("--tag", "tags", multiple=True, help="Only datasets with this tag, repeatable (all must match).")
+@click.option("--field", "fields", multiple=True,
+              help="Only datasets whose schema has this key or feature name, repeatable.")
+@click.option("--expect", type=click.IntRange(1, 10_000), default=None,
+              help="Stop as soon as this many datasets are found (else: when answers stop bringing new ones).")
+@click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True, help="Most results.")
+@_join_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of verified adverts).")
+@click.pass_context
+def search(ctx: click.Context, words: tuple[str, ...], tags: tuple[str, ...], fields: tuple[str, ...],
+           expect: int | None, limit: int, timeout: float, bootstrap: tuple[str, ...], mdns: bool,
+           mdns_interfaces: tuple[str, ...], as_json: bool) -> None:
+    """Find datasets on the mesh whose name, description or tags contain every WORD.
+
+    Joins the mesh with no configuration (mDNS on the LAN, plus --bootstrap peers and this home's own daemon if it
+    runs), asks the index peers it finds, and verifies every advert's signature before showing it. Exit code 3 if
+    nothing was found.
+    """
+    import trio
+
+    from .client import Client
+
+    async def main() -> list[Any]:
+        async with Client.join(identity=_client_identity(ctx), bootstrap=_with_daemon_bootstrap(ctx, bootstrap),
+                               mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None) as client:
+            return await client.search(list(words), tags=list(tags), fields=list(fields), timeout=timeout,
+                                       expect=expect, limit=limit)
+
+    try:
+        found = trio.run(main)
+    except Exception as exc:
+        for leaf in leaves(exc):
+            if isinstance(leaf, MdnsError):
+                raise CliError(f"mDNS: {leaf} (see --mdns-interface, or --no-mdns)", ExitCode.BAD_INPUT) from exc
+        raise
+    if as_json:
+        emit_json([_advert_view(i) for i in found])
+    elif not found:
+        click.echo(f"no dataset found within {timeout:g} s", err=True)
+    else:
+        for info in found:
+            samples = info.schema.get("num_samples", "?")
+            click.echo(f"{info.name:<24} {samples:>7} samples  node {info.node[-8:]}  tags {','.join(info.tags)}"
+                       f"  {info.address or '(no address)'}")
+    if not found:
+        ctx.exit(int(ExitCode.NOT_FOUND))
+
+
+@cli.command()
+@_join_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def peers(ctx: click.Context, timeout: float, bootstrap: tuple[str, ...], mdns: bool,
+          mdns_interfaces: tuple[str, ...], as_json: bool) -> None:
+    """List known peers and how they were found (mdns, bootstrap, inbound).
+
+    With a daemon running in this home: what the daemon knows (and its index's counters). Otherwise: look for
+    --timeout seconds, as `hivecell search` does, and list what was found.
+    """
+    home = _home(ctx)
+    info = home.peers_info() if home.daemon_running() else None
+    if info is None:
+        import trio
+
+        from .client import Client
+
+        async def main() -> list[dict[str, Any]]:
+            async with Client.join(identity=_client_identity(ctx), bootstrap=list(bootstrap), mdns=mdns,
+                                   mdns_interfaces=list(mdns_interfaces) or None) as client:
+                await trio.sleep(timeout)
+                return client.peers()
+
+        try:
+            info = {"peers": trio.run(main), "daemon": False}
+        except Exception as exc:
+            for leaf in leaves(exc):
+                if isinstance(leaf, MdnsError):
+                    raise CliError(f"mDNS: {leaf}", ExitCode.BAD_INPUT) from exc
+            raise
+    else:
+        info = dict(info, daemon=True)
+    if as_json:
+        emit_json(info)
+        return
+    rows = info.get("peers", [])
+    if not rows:
+        click.echo("no peers known")
+    for row in rows:
+        state = "connected" if row.get("connected") else "seen"
+        click.echo(f"{row['peer_id']}  {state:<9}  found by {','.join(row.get('found_by', [])) or '?'}"
+                   + (f"  {row['addrs'][0]}" if row.get("addrs") else ""))
+    index = info.get("index")
+    if index:
+        click.echo(f"index: {'on' if index.get('role') else 'off'}, {index.get('adverts', 0)} adverts, "
+                   f"digest {str(index.get('digest', ''))[:16]}")
 
 
 

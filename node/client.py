@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,8 +30,12 @@ from hivecell.crypto.canonical import CanonicalError, strict_unpackb
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, seal
 from hivecell.crypto.signoff import SignOff, SignoffRejected, verify_signoff
+from hivecell.mesh.discovery import Discovery
+from hivecell.mesh.gossip import INDEX_PROTOCOL, GossipConfig, GossipIndex, IndexHits, IndexSearch, open_gossip
 from hivecell.mesh.host import MeshHost, PeerUnreachable, RemoteError, open_host
-from hivecell.mesh.message import ErrorCode
+from hivecell.mesh.index import AdvertIndex
+from hivecell.mesh.mdns import resolve_interfaces
+from hivecell.mesh.message import ErrorCode, RemoteProtocolError
 
 from .dataset import DatasetInfo, open_advert
 from .job import TERMINAL, JobState
@@ -98,12 +102,136 @@ class JobResult:
 
 
 class Client:
-    """A scientist's connection to one node. Create with :meth:`connect`."""
+    """A scientist's connection to the mesh and to one node of it.
 
-    def __init__(self, host: MeshHost, node: str, address: str) -> None:
+    Create with :meth:`connect` (one node, by address) or :meth:`join` (find the mesh: mDNS, bootstrap addresses;
+    then :meth:`search` it and pick a node with :meth:`to`).
+    """
+
+    def __init__(self, host: MeshHost, node: str, address: str, *, discovery: Discovery | None = None,
+                 gossip: GossipIndex | None = None) -> None:
         self.host, self.node, self.address = host, node, address
+        self.discovery, self.gossip = discovery, gossip
         self._datasets: dict[str, DatasetInfo] = {}
         self._plans: dict[str, tuple[str, str]] = {}  # job id -> (dataset, plan hash)
+
+    @classmethod
+    @asynccontextmanager
+    async def join(cls, *, identity: Identity | None = None, bootstrap: Sequence[str] = (), mdns: bool = True,
+                   mdns_interfaces: Sequence[str] | None = None, index: bool = False,
+                   listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> AsyncIterator[Client]:
+        """Join the mesh with no node in mind: browse mDNS on ``mdns_interfaces`` (default: every non-loopback
+        interface; nothing is announced) and dial ``bootstrap`` addresses. With ``index``, keep an index of adverts
+        in this process too (it fills by anti-entropy from the peers found, and :meth:`search` also reads it).
+
+        Raises:
+            MdnsError: an interface name that does not exist here.
+        """
+        ips = resolve_interfaces(list(mdns_interfaces) if mdns_interfaces is not None else None) if mdns else []
+        async with open_host(identity or Identity.generate(), list(listen)) as host:
+            async with trio.open_nursery() as nursery:
+                discovery = Discovery(host, mdns_ips=ips, announce=False, bootstrap=list(bootstrap))
+                await nursery.start(discovery.serve)
+                gossip = await open_gossip(host, AdvertIndex(), GossipConfig(index=True), nursery) if index else None
+                yield cls(host, "", "", discovery=discovery, gossip=gossip)
+                nursery.cancel_scope.cancel()
+
+    def to(self, node: str | DatasetInfo) -> Client:
+        """A client for ``node`` (a peer id, or the node of a search result) on the same host: submit jobs to it."""
+        info = node if isinstance(node, DatasetInfo) else None
+        peer = info.node if info is not None else str(node)
+        client = Client(self.host, peer, info.address if info is not None else "", discovery=self.discovery,
+                        gossip=self.gossip)
+        if info is not None:
+            client._datasets[info.name] = info
+        return client
+
+    async def _ensure_connected(self) -> None:
+        if self.node in self.host.connected_peers():
+            return
+        addrs = [self.address] if self.address else []
+        if self.discovery is not None and self.node in self.discovery.peers:
+            addrs += self.discovery.peers[self.node].addrs
+        addrs += [a for info in self._datasets.values() for a in info.addrs]
+        for addr in dict.fromkeys(a for a in addrs if a.endswith("/p2p/" + self.node)):
+            try:
+                await self.host.connect(addr)
+                return
+            except (PeerUnreachable, ValueError):
+                continue
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Known peers and how they were found (empty for a client made with :meth:`connect`)."""
+        return self.discovery.snapshot() if self.discovery is not None else []
+
+    async def search(self, words: Sequence[str] = (), *, tags: Sequence[str] = (), fields: Sequence[str] = (),
+                     timeout: float = 5.0, expect: int | None = None, limit: int = 100) -> list[DatasetInfo]:
+        """Datasets on the mesh whose advert has every word (name, description, tags), tag and schema field.
+
+        Asks the index peers among the connected peers (several at once, again as discovery finds more) and, if
+        none answers, each connected node for its own datasets. Every advert is verified here; an index peer is only
+        trusted to find records. Returns within ``timeout`` seconds, or once ``expect`` datasets were found, or once
+        the answers stop bringing anything new; sorted by name, then node.
+        """
+        found = AdvertIndex(max_per_signer=1024, max_total=100_000)
+        not_index: set[str] = set()  # peers that do not answer index searches: asked for their own datasets
+        asked: set[str] = set()
+        query = IndexSearch(words=list(words), tags=list(tags), fields=list(fields), limit=limit)
+
+        def results() -> list[DatasetInfo]:
+            out = []
+            for advert in found.search(words, tags=tags, fields=fields, limit=limit):
+                try:
+                    out.append(open_advert(advert.raw))
+                except InvalidRecord as exc:
+                    logger.debug("search: skipping an advert of %s: %s", advert.signer[-8:], exc.reason)
+            return out
+
+        async def ask(peer: str) -> None:
+            if peer not in not_index:
+                try:
+                    hits = await self.host.request(peer, INDEX_PROTOCOL, query, expect=IndexHits, timeout=5.0)
+                except (PeerUnreachable, RemoteError, RemoteProtocolError) as exc:
+                    logger.debug("search: %s answered no index search: %s", peer[-8:], exc)
+                    not_index.add(peer)
+                else:
+                    for raw in hits.adverts[:limit]:
+                        found.offer(raw)
+                    return
+            try:  # a node without the index role (or an older one): its own datasets
+                reply = await self.host.request(peer, DATASET_PROTOCOL, ListDatasets(), expect=DatasetList,
+                                                timeout=5.0)
+            except (PeerUnreachable, RemoteError, RemoteProtocolError):
+                return
+            for raw in reply.adverts[:1024]:
+                found.offer(raw)
+
+        quiet_since: float | None = None
+        with trio.move_on_after(timeout):
+            if self.discovery is not None:
+                await self.discovery.connected_event.wait()
+            while True:
+                before = found.digest()
+                if self.gossip is not None:
+                    for advert in self.gossip.index.search(words, tags=tags, fields=fields, limit=limit):
+                        found.offer(advert.raw)
+                connected = set(self.host.connected_peers())
+                # Waiting for a number of results: ask everyone again (nodes may still be publishing); otherwise
+                # only peers not asked yet.
+                targets = connected if expect is not None else connected - asked
+                async with trio.open_nursery() as nursery:
+                    for peer in targets:
+                        nursery.start_soon(ask, peer)
+                asked |= targets
+                if expect is not None:
+                    if len(results()) >= expect:
+                        break
+                elif found.digest() != before or quiet_since is None:
+                    quiet_since = trio.current_time() if asked else None
+                elif trio.current_time() - quiet_since >= 1.0:
+                    break  # a second with nothing new from the peers found so far
+                await trio.sleep(0.25 if expect is None else 0.5)
+        return results()
 
     @classmethod
     @asynccontextmanager
@@ -124,6 +252,7 @@ class Client:
 
     async def datasets(self) -> list[DatasetInfo]:
         """The node's datasets, from adverts whose signature verifies (others are skipped and logged)."""
+        await self._ensure_connected()
         reply = await self.host.request(self.node, DATASET_PROTOCOL, ListDatasets(), expect=DatasetList)
         out = []
         for raw in reply.adverts:
@@ -159,6 +288,7 @@ class Client:
         Raises:
             RemoteError: the node refused the job (``.code`` says why: unknown_dataset, bad_recipe, bad_plan, ...).
         """
+        await self._ensure_connected()
         job_id, message = self._request(dataset, plan)
         reply = await self.host.request(self.node, JOB_PROTOCOL, message, expect=JobAccepted, timeout=120.0)
         self._accepted(job_id, reply, dataset, plan)
@@ -175,6 +305,7 @@ class Client:
             JobFailed: the job failed or its owner withheld the result.
             ResultRejected: the result's sign-off does not verify.
         """
+        await self._ensure_connected()
         job_id, message = self._request(dataset, plan, wait_s=wait_s)
         async with self.host.conversation(self.node, JOB_PROTOCOL, message) as replies:
             self._accepted(job_id, await replies.receive(timeout=120.0), dataset, plan)

@@ -8,9 +8,8 @@ the environment variable ``HIVECELL_WORKER_TIMEOUT``. A value is taken from the 
 that sets it. The file is flat (top-level keys only) and strict: an unknown key, a value of the wrong type or one out
 of range is an error naming the file, the key and what was expected, so a typo never silently runs the defaults.
 
-Only options the daemon has today are here. mDNS interfaces, bootstrap peers, the index role and GPU use are not:
-discovery and the Worker's GPU path do not exist yet, and their keys come with the discovery issue. A config written
-for a later version therefore fails loudly here instead of being half-applied.
+Only options the daemon has today are here (GPU use is not: the Worker's GPU path is not configurable yet). A config
+written for a later version therefore fails loudly here instead of being half-applied.
 
 This module is pure (no click, no trio, no libp2p) so that ``hivecell config show`` and ``hivecell doctor`` stay
 cheap; the CLI turns ``OPTIONS`` into flags and the result into a ``DaemonConfig``.
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = [
     "CONFIG_FILE", "OPTIONS", "ConfigError", "ConfigParserMissing", "Option", "Setting", "Source", "config_path",
-    "daemon_kwargs", "example_config", "load_file", "resolve", "validate_multiaddr",
+    "daemon_kwargs", "example_config", "load_file", "resolve", "validate_item", "validate_multiaddr",
 ]
 
 CONFIG_FILE = "config.toml"
@@ -56,8 +56,9 @@ class Source(str, Enum):
 class Option:
     """One daemon option: its TOML key, type, range, default and the ``DaemonConfig`` field it sets.
 
-    ``kind`` is ``int``, ``float`` or ``list`` (a list of multiaddr strings). ``default`` ``None`` means "not set":
-    the daemon picks (for ``worker_threads``: torch's own choice).
+    ``kind`` is ``int``, ``float``, ``bool`` or ``list`` (of multiaddr strings, or of interface names or IPv4
+    addresses when ``item`` is ``"interface"``). ``default`` ``None`` means "not set": the daemon picks (for
+    ``worker_threads``: torch's own choice; for ``mdns_interfaces``: every non-loopback interface).
     """
 
     key: str
@@ -67,10 +68,13 @@ class Option:
     field: str
     lo: float | None = None
     hi: float | None = None
+    item: str = "multiaddr"  # for lists: "multiaddr", "peer" (a multiaddr ending in /p2p/<id>) or "interface"
+    empty_ok: bool = False  # for lists: may be empty
+    flag_name: str | None = None  # a repeatable flag named in the singular (--mdns-interface) for a plural key
 
     @property
     def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+        return "--" + (self.flag_name or self.key.replace("_", "-"))
 
     @property
     def envvar(self) -> str:
@@ -78,8 +82,12 @@ class Option:
 
     def expected(self) -> str:
         """What a valid value looks like, for error messages."""
+        if self.kind is list and self.item == "interface":
+            return "a list of interface names or IPv4 addresses, e.g. [\"eth0\"]"
         if self.kind is list:
             return "a list of multiaddr strings, e.g. [\"/ip4/0.0.0.0/tcp/4001\"]"
+        if self.kind is bool:
+            return "true or false"
         what = "an integer" if self.kind is int else "a number"
         return f"{what} from {_num(self.lo)} to {_num(self.hi)}"
 
@@ -108,6 +116,20 @@ OPTIONS: tuple[Option, ...] = (
            help="Jobs one scientist may have waiting; more are refused with 'busy'."),
     Option(key="max_attempts", kind=int, default=2, lo=1, hi=10, field="max_attempts",
            help="Runs of one job, counting re-runs after the daemon was killed mid-job; then it is failed."),
+    Option(key="mdns", kind=bool, default=True, field="mdns",
+           help="Find peers on the LAN with mDNS and announce this node there (on mdns_interfaces)."),
+    Option(key="mdns_interfaces", kind=list, default=None, field="mdns_interfaces", item="interface",
+           flag_name="mdns-interface",
+           help="Interfaces (names or IPv4 addresses) mDNS runs on, repeatable. Default: every interface with an "
+                "IPv4 address except loopback."),
+    Option(key="bootstrap", kind=list, default=(), field="bootstrap", empty_ok=True, item="peer",
+           help="Peer to dial at start and whenever not connected to it (/ip4/HOST/tcp/PORT/p2p/PEER_ID), "
+                "repeatable: how a node finds a mesh beyond its LAN."),
+    Option(key="index", kind=bool, default=True, field="index",
+           help="Keep the gossip index of dataset adverts (in the store) and answer searches."),
+    Option(key="advert_ttl", kind=float, default=3600.0, lo=60, hi=7 * 24 * 3600, field="advert_ttl",
+           help="Lifetime of this node's dataset adverts, seconds; they are re-published every third of it, and a "
+                "node that disappears drops out of searches once they expire."),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -139,6 +161,25 @@ def validate_multiaddr(value: str) -> str:
         multiaddr.Multiaddr(value)
     except Exception as exc:  # multiaddr raises several unrelated types for bad input
         raise ValueError(f"{value!r} is not a valid multiaddr: {exc}") from None
+    return value
+
+
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,32}$")
+
+
+def validate_item(option: Option, value: str) -> str:
+    """Check one item of a list option: a multiaddr, or an interface name / IPv4 address.
+
+    Raises:
+        ValueError: the message says why.
+    """
+    if option.item == "interface":
+        if not _INTERFACE.match(value):
+            raise ValueError(f"{value!r} is not an interface name or an IPv4 address")
+        return value
+    validate_multiaddr(value)
+    if option.item == "peer" and "/p2p/" not in value:
+        raise ValueError(f"{value!r} names no peer: a bootstrap address ends in /p2p/<peer id>")
     return value
 
 
@@ -214,14 +255,20 @@ def _check_value(option: Option, value: Any, origin: str) -> Any:
         return ConfigError(f"{origin}: {option.key} must be {option.expected()}, got {shown}{why}")
 
     if option.kind is list:
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad()
+        if not value and not option.empty_ok:
+            raise bad(" (an empty list)")
         for item in value:
             try:
-                validate_multiaddr(item)
+                validate_item(option, item)
             except ValueError as exc:
-                raise ConfigError(f"{origin}: listen: {exc}") from None
+                raise ConfigError(f"{origin}: {option.key}: {exc}") from None
         return tuple(value)
+    if option.kind is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
     # bool is an int in Python, and TOML's `true` must not pass for 1.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad()
@@ -260,7 +307,9 @@ def resolve(given: Mapping[str, tuple[Any, Source]], file_values: Mapping[str, A
 def daemon_kwargs(settings: list[Setting]) -> dict[str, Any]:
     """Keyword arguments for ``DaemonConfig`` from the effective settings."""
     kwargs = {s.option.field: s.value for s in settings}
-    kwargs["listen"] = list(kwargs["listen"])
+    for s in settings:
+        if s.option.kind is list and s.value is not None:
+            kwargs[s.option.field] = list(s.value)
     return kwargs
 
 
@@ -271,15 +320,18 @@ def example_config() -> str:
         "# Precedence: `hivecell run` flag > environment variable > this file > default.",
         "# See the effective values and where they come from with: hivecell config show",
         "#",
-        "# mDNS interfaces, bootstrap peers, the index role and GPU use are not configurable yet: they come with",
-        "# peer discovery. Unknown keys are an error.",
+        "# Unknown keys are an error.",
     ]
     for option in OPTIONS:
         lines.append("")
         lines.extend(f"# {part}" for part in _wrap(option.help))
         lines.append(f"# Also: {option.flag}, ${option.envvar}.")
-        if option.kind is list:
+        if option.kind is list and option.default is None:
+            lines.append(f"# {option.key} = [\"eth0\"]")
+        elif option.kind is list:
             lines.append(f"# {option.key} = [{', '.join(_toml_str(v) for v in option.default)}]")
+        elif option.kind is bool:
+            lines.append(f"# {option.key} = {'true' if option.default else 'false'}")
         elif option.default is None:
             lines.append(f"# {option.key} = 4")
         else:

@@ -21,11 +21,16 @@ import trio
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record
 from hivecell.mesh.errors import leaves
+from hivecell.mesh.discovery import Discovery
+from hivecell.mesh.gossip import GossipConfig, open_gossip
 from hivecell.mesh.host import RemoteError, Reply, open_host, short
+from hivecell.mesh.index import AdvertIndex
+from hivecell.mesh.mdns import announce_addrs, resolve_interfaces
 from hivecell.mesh.message import ErrorCode, Message
 
 from . import job as jobsm
-from .dataset import DatasetError, check_name, make_advert
+from .advertiser import Advertiser, load_index
+from .dataset import ADVERT_TTL_S, DatasetError, check_name, make_advert
 from .home import Home
 from .owner import load_owner
 from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
@@ -59,6 +64,11 @@ class DaemonConfig:
     max_attempts: int = jobsm.MAX_ATTEMPTS
     max_queued: int = 256  # jobs waiting on this node, from everyone
     max_queued_per_peer: int = 16  # jobs waiting from one scientist
+    mdns: bool = True  # LAN discovery (announce and browse) on mdns_interfaces
+    mdns_interfaces: list[str] | None = None  # names or IPv4 addresses; None: every non-loopback interface
+    bootstrap: list[str] = field(default_factory=list)  # peers to dial at start (and again while not connected)
+    index: bool = True  # keep the gossip index and answer searches
+    advert_ttl: float = ADVERT_TTL_S
 
 
 def _status(job: dict[str, Any]) -> JobStatus:
@@ -348,20 +358,60 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
     try:
         for job in recover_jobs(store, identity, max_attempts=config.max_attempts):
             logger.warning("job %s was interrupted by a restart: now %s", job["id"], job["state"])
+        # Resolved before anything starts, so a wrong interface name stops the daemon with a clear message.
+        mdns_ips = resolve_interfaces(config.mdns_interfaces) if config.mdns else []
+        if config.mdns and not mdns_ips:
+            logger.warning("mDNS: no interface with an IPv4 address besides loopback; LAN discovery is off")
+        index = AdvertIndex()
+        loaded = await trio.to_thread.run_sync(load_index, store, index)
         async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host:
             daemon = Daemon(identity=identity, store=store, pool=pool, config=config)
             host.serve(DATASET_PROTOCOL, daemon.handle_dataset)
             host.serve(JOB_PROTOCOL, daemon.handle_job)
             addrs = host.addrs()
-            home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})
-            logger.info("node %s listening on %s", identity.peer_id, ", ".join(addrs))
-            task_status.started(addrs)
-            try:
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
+                gossip = await open_gossip(host, index, GossipConfig(index=config.index), nursery)
+                discovery = Discovery(host, mdns_ips=mdns_ips, bootstrap=config.bootstrap)
+                await nursery.start(discovery.serve)
+                advertiser = Advertiser(identity=identity, store=store, gossip=gossip,
+                                        addrs=advert_addrs(addrs, mdns_ips), ttl=config.advert_ttl)
+                await nursery.start(advertiser.serve)
+                nursery.start_soon(_write_peers, home, discovery, gossip)
+                home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})
+                logger.info("node %s listening on %s; index %s with %d adverts", identity.peer_id, ", ".join(addrs),
+                            "on" if config.index else "off", loaded)
+                task_status.started(addrs)
+                try:
                     for _ in range(config.max_concurrent_jobs):
                         nursery.start_soon(daemon.run_jobs)
-            finally:
-                home.clear_daemon_info()
+                    await trio.sleep_forever()
+                finally:
+                    home.clear_daemon_info()
+                    home.peers_file.unlink(missing_ok=True)
     finally:
         store.close()
 
+
+def advert_addrs(listen: list[str], mdns_ips: list[str]) -> list[str]:
+    """The addresses an advert gives for this node: listen addresses reachable from the LAN (``0.0.0.0`` becomes one
+    per interface address); a node that listens on loopback only advertises that (a one-machine mesh)."""
+    ips = mdns_ips or resolve_interfaces(None)
+    out = announce_addrs(listen, ips) if ips else []
+    return out or [a for a in listen if "/ip4/0.0.0.0/" not in a]
+
+
+async def _write_peers(home: Home, discovery: Discovery, gossip) -> None:
+    """Keep ``peers.json`` current for ``hivecell peers`` (a file: the CLI need not speak to the daemon)."""
+    last = None
+    while True:
+        info = {"peer_id": discovery.host.peer_id, "peers": discovery.snapshot(),
+                "index": {"role": gossip.config.index, "adverts": len(gossip.index), "digest": gossip.index.digest(),
+                          "counters": dict(gossip.index.counters), "messages": dict(gossip.messages)}}
+        view = (info["peers"], info["index"]["digest"], info["index"]["counters"])
+        if view != last:
+            try:
+                await trio.to_thread.run_sync(home.write_peers, info)
+                last = view
+            except OSError as exc:
+                logger.warning("cannot write %s: %s", home.peers_file, exc)
+        await trio.sleep(2.0)

@@ -8,6 +8,7 @@ mock preview of synthetic rows drawn at random inside the features' overall rang
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -17,16 +18,19 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as save_tensors
 
+from hivecell.crypto.canonical import canonical_packb
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record, seal
 
 __all__ = [
-    "DatasetError", "DatasetInfo", "load_file", "make_record", "encode_tensors", "make_advert", "open_advert",
+    "DatasetError", "DatasetInfo", "load_file", "make_record", "encode_tensors", "make_advert", "make_tombstone",
+    "open_advert",
     "ADVERT_DOMAIN", "SIGNOFF_POLICIES",
 ]
 
 ADVERT_DOMAIN = "advert"
-ADVERT_TTL_S = 24 * 3600
+ADVERT_TTL_S = 3600  # an advert lives an hour and is re-published every 20 minutes (see advertiser.py)
+MAX_ADVERT_MOCK_BYTES = 8 << 10
 SIGNOFF_POLICIES = ("auto", "manual")
 MOCK_ROWS = 5
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -53,6 +57,19 @@ class DatasetInfo:
     node: str = ""  # peer id of the node that holds it (the advert's signer)
     delegation: bytes | None = None  # the owner's delegation to the node, when the owner key is not the node key
     extra: dict[str, Any] = field(default_factory=dict)
+    addrs: list[str] = field(default_factory=list)  # where the node listens (as it advertised)
+    budget: dict[str, Any] = field(default_factory=dict)  # the privacy budget's summary, as the node advertised it
+    issued_at: int = 0
+    expires_at: int = 0
+    advert: bytes = field(default=b"", repr=False)  # the signed advert itself
+
+    def mock_hash(self) -> str:
+        return hashlib.sha256(canonical_packb(self.mock)).hexdigest()
+
+    @property
+    def address(self) -> str:
+        """The first advertised address of the node (``/ip4/.../tcp/.../p2p/<node>``), or ``""``."""
+        return next((a for a in self.addrs if a.endswith("/p2p/" + self.node)), "")
 
 
 def check_name(name: str) -> str:
@@ -230,14 +247,40 @@ def make_record(*, name: str, features: np.ndarray, labels: np.ndarray, feature_
 
 
 def make_advert(identity: Identity, record: dict[str, Any], *, owner: str | None = None,
-                delegation: bytes | None = None, now: float | None = None) -> bytes:
+                delegation: bytes | None = None, addrs: list[str] = (),  # type: ignore[assignment]
+                budget: dict[str, Any] | None = None, ttl: float = ADVERT_TTL_S, now: float | None = None) -> bytes:
     """The signed advert of a stored dataset. ``owner`` (default: the node key) is the key whose sign-offs count;
-    ``delegation`` is that key's delegation to this node, if any (see ``owner.py``)."""
-    fields = {k: record[k] for k in ("name", "description", "tags", "schema", "mock", "signoff")}
+    ``delegation`` is that key's delegation to this node, if any (see ``owner.py``); ``addrs`` are where the node
+    listens; ``budget`` a summary of the dataset's privacy budget (see ``privacy.py``)."""
+    fields = {k: record[k] for k in ("name", "description", "tags", "schema", "signoff")}
     fields["owner"] = owner or identity.peer_id
+    mock = record["mock"]
+    fields["mock_hash"] = hashlib.sha256(canonical_packb(mock)).hexdigest()
+    if len(canonical_packb(mock)) <= MAX_ADVERT_MOCK_BYTES:  # a large preview is fetched from the node instead
+        fields["mock"] = mock
     if delegation is not None:
         fields["delegation"] = delegation
-    return seal(identity, ADVERT_DOMAIN, fields, ttl=ADVERT_TTL_S, now=now)
+    if addrs:
+        fields["addrs"] = list(addrs)[:8]
+    if budget:
+        fields["budget"] = budget
+    now = time.time() if now is None else now
+    fields["us"] = _micros(now)
+    return seal(identity, ADVERT_DOMAIN, fields, ttl=ttl, now=now)
+
+
+def _micros(now: float) -> int:
+    """The sub-second part of ``now``: adverts (and tombstones) of one dataset issued in the same second still order
+    (see hivecell.mesh.index)."""
+    return min(999_999, max(0, int((now - int(now)) * 1_000_000)))
+
+
+def make_tombstone(identity: Identity, name: str, *, ttl: float = ADVERT_TTL_S, now: float | None = None) -> bytes:
+    """A signed record that takes the advert of dataset ``name`` back (the owner removed it). It outlives any advert
+    it replaces (same ttl), so no peer that missed the removal can bring the advert back."""
+    now = time.time() if now is None else now
+    return seal(identity, ADVERT_DOMAIN, {"name": check_name(name), "tombstone": True, "us": _micros(now)}, ttl=ttl,
+                now=now)
 
 
 def open_advert(unverified: bytes, *, now: float | None = None) -> DatasetInfo:
@@ -248,12 +291,20 @@ def open_advert(unverified: bytes, *, now: float | None = None) -> DatasetInfo:
     """
     record = open_record(unverified, domain=ADVERT_DOMAIN, now=now)
     f = record.fields()
+    if f.get("tombstone") is True:
+        raise InvalidRecord("a tombstone: the dataset was removed")
     try:
+        addrs = [str(a) for a in f.get("addrs", [])]
+        budget = f.get("budget", {})
         info = DatasetInfo(name=check_name(f["name"]), description=str(f["description"]), tags=list(f["tags"]),
-                           schema=dict(f["schema"]), mock=dict(f["mock"]), signoff=str(f["signoff"]),
-                           owner=str(f["owner"]), node=record.signer, delegation=f.get("delegation"))
+                           schema=dict(f["schema"]), mock=dict(f.get("mock", {})), signoff=str(f["signoff"]),
+                           owner=str(f["owner"]), node=record.signer, delegation=f.get("delegation"),
+                           addrs=addrs, budget=dict(budget), issued_at=record.issued_at,
+                           expires_at=record.expires_at, advert=record.raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidRecord("malformed advert") from exc
+    if info.mock and "mock_hash" in f and info.mock_hash() != f["mock_hash"]:
+        raise InvalidRecord("the mock preview does not match its hash")
     if info.delegation is not None and not isinstance(info.delegation, bytes):
         raise InvalidRecord("malformed advert")
     if not all(isinstance(t, str) for t in info.tags) or info.signoff not in SIGNOFF_POLICIES:

@@ -4,6 +4,7 @@
         node.key               Ed25519 key, mode 0600
         store/                 LMDB environment (datasets, blobs, jobs, results)
         daemon.json            written by a running daemon: peer id, addresses, pid
+        peers.json             written by a running daemon every few seconds: known peers, the index's counters
         daemon.lock            held (flock) by the running daemon for its whole life
 
 A daemon is running exactly when someone holds ``daemon.lock``. The lock dies with the process, so a daemon killed by
@@ -118,6 +119,22 @@ class Home:
         tmp = self.daemon_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(dict(info, pid=os.getpid(), started=time.time()), indent=2))
         os.replace(tmp, self.daemon_file)
+
+    @property
+    def peers_file(self) -> Path:
+        return self.path / "peers.json"
+
+    def write_peers(self, info: dict[str, Any]) -> None:
+        """What the running daemon knows of the mesh (peers, index counters), for ``hivecell peers``."""
+        tmp = self.peers_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(info, pid=os.getpid(), written=time.time()), indent=2))
+        os.replace(tmp, self.peers_file)
+
+    def peers_info(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.peers_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def clear_daemon_info(self) -> None:
         try:

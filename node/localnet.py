@@ -67,6 +67,9 @@ def start_daemon(home: Path, *run_args: str, env: dict[str, str] | None = None,
                  timeout: float = 120.0) -> DaemonProcess:
     """Start ``hivecell --home HOME run RUN_ARGS`` and wait until it listens.
 
+    mDNS is off unless ``env`` or ``run_args`` turn it on: these daemons share one machine, find each other by the
+    addresses their callers pass, and must not announce on the machine's real interfaces.
+
     Raises:
         DaemonStartError: it exited or was not ready within ``timeout``.
     """
@@ -78,7 +81,7 @@ def start_daemon(home: Path, *run_args: str, env: dict[str, str] | None = None,
     log = open(log_path, "ab")
     cmd = [sys.executable, "-m", "hivecell.node.cli", "--home", str(home), "run", *run_args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, "HIVECELL_MDNS": "0", **(env or {})}, start_new_session=True)
     log.close()
     daemon = DaemonProcess(home=home, process=proc, log_path=log_path)
     deadline = time.monotonic() + timeout

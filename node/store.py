@@ -7,7 +7,9 @@ Sub-databases::
     jobs      job id -> msgpack record     the persisted job state machine (see job.py)
     nonces    nonce -> expiry (8 bytes)    job-request nonces seen, to refuse replays
     ledger    seq (8 bytes) -> entry       the privacy ledger (see ledger.py), appended in the job's transaction
-    meta      key -> bytes                 store format version, the ledger's replayed state, the data owner
+    meta      key -> bytes                 store format version, the ledger's replayed state, the data owner, the
+                                           names of the datasets this node advertised (to send tombstones)
+    index     16-byte key -> advert        the gossip index (see hivecell.mesh.index), re-verified when loaded
 
 LMDB gives us crash safety (copy-on-write B-tree, a committed transaction survives ``kill -9``) and lets the CLI, the
 daemon and read-only Worker processes share one store. Every write happens in one short transaction.
@@ -39,7 +41,7 @@ __all__ = ["QueueFull", "Store", "StoreError", "open_blob_reader", "sha256_hex"]
 FORMAT_VERSION = b"1"
 _MAP_SIZE = 1 << 40  # address space only: LMDB files are sparse and grow with the data
 _LEDGER_SNAPSHOT = 2  # the layout of the replayed ledger state kept in meta
-_DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta", b"ledger")
+_DBS = (b"blobs", b"datasets", b"jobs", b"nonces", b"meta", b"ledger", b"index")
 _MAX_RECORD = 64 << 20
 
 
@@ -261,6 +263,31 @@ class Store:
                 total += 1
                 mine += job.get("scientist") == scientist
         return {"mine": mine, "all": total}
+
+    # -- the gossip index and what this node advertised ------------------------------------------------------------
+    def index_records(self) -> list[tuple[bytes, bytes]]:
+        with self._env.begin(db=self._db["index"]) as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+
+    def index_apply(self, changes: dict[bytes, bytes | None]) -> None:
+        """Store (``raw``) or drop (``None``) index records by key, in one transaction."""
+        with self._env.begin(write=True, db=self._db["index"]) as txn:
+            for key, raw in changes.items():
+                if raw is None:
+                    txn.delete(key)
+                else:
+                    txn.put(key, raw)
+
+    def get_advertised(self) -> list[str]:
+        """Names of the datasets this node advertised last (a removed one gets a tombstone)."""
+        with self._env.begin(db=self._db["meta"]) as txn:
+            raw = txn.get(b"advertised")
+        value = strict_unpackb(bytes(raw), max_len=1 << 20) if raw is not None else []
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    def set_advertised(self, names: list[str]) -> None:
+        with self._env.begin(write=True, db=self._db["meta"]) as txn:
+            txn.put(b"advertised", canonical_packb(sorted(names)))
 
     # -- the data owner (see owner.py) -------------------------------------------------------------------------------
     def get_owner(self) -> dict[str, Any] | None:

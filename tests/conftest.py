@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,10 @@ from hivecell.node.demo import digits_shards
 from hivecell.node.home import Home
 from hivecell.node.localnet import DaemonProcess, start_daemon
 from hivecell.node.store import Store
+
+# No daemon a test starts may announce on this machine's real interfaces: mDNS is off unless a test turns it on for
+# loopback or for network namespaces it made (tests/netlan.py).
+os.environ["HIVECELL_MDNS"] = "0"
 
 # One private row of 64 random float32 values in the digits' range: 256 bytes no model, advert or message would
 # contain by chance (any 16 of them in a row are checked).

@@ -16,7 +16,8 @@ from hivecell.node.config import OPTIONS, ConfigError, ConfigParserMissing, Sour
 
 
 def hc(home, *args, env=None, check=True):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("HIVECELL_")}
+    # Only what the test sets, and mDNS off: a daemon started here must not announce on the machine's interfaces.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HIVECELL_")} | {"HIVECELL_MDNS": "0"}
     proc = subprocess.run([sys.executable, "-m", "hivecell.node.cli", "--home", str(home), *args],
                           capture_output=True, text=True, env={**environ, **(env or {})})
     if check and proc.returncode != 0:
@@ -45,10 +46,14 @@ def test_defaults_are_the_daemons():
 
 def test_names_agree_everywhere():
     for option in OPTIONS:
-        assert option.flag == "--" + option.key.replace("_", "-")
+        if option.key == "mdns_interfaces":  # a repeatable flag, named in the singular
+            assert option.flag == "--mdns-interface"
+        else:
+            assert option.flag == "--" + option.key.replace("_", "-")
         assert option.envvar == "HIVECELL_" + option.key.upper()
     assert [o.key for o in OPTIONS] == ["listen", "warm_workers", "max_jobs", "worker_timeout", "worker_memory_mb",
-                                        "worker_threads", "max_queued_per_peer", "max_attempts"]
+                                        "worker_threads", "max_queued_per_peer", "max_attempts", "mdns",
+                                        "mdns_interfaces", "bootstrap", "index", "advert_ttl"]
 
 
 def test_missing_file_is_an_empty_config(tmp_path):
@@ -65,7 +70,10 @@ def test_a_valid_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("mdns_interfaces = ['eth0']\n", ["unknown key 'mdns_interfaces'", "known keys: listen"]),
+    ("use_gpu = true\n", ["unknown key 'use_gpu'", "known keys: listen"]),
+    ("mdns_interfaces = ['eth 0']\n", ["mdns_interfaces", "not an interface name or an IPv4 address"]),
+    ("mdns = 1\n", ["mdns must be true or false", "got 1"]),
+    ("bootstrap = ['/ip4/10.0.0.1/tcp/4001']\n", ["bootstrap", "names no peer", "/p2p/<peer id>"]),
     ("max_job = 2\n", ["unknown key 'max_job'", "did you mean 'max_jobs'"]),
     ("[daemon]\nmax_jobs = 2\n", ["unknown key 'daemon'"]),
     ("max_jobs = '2'\n", ["max_jobs must be an integer from 1 to 64", "got '2'"]),
@@ -138,7 +146,10 @@ def test_example_config_changes_nothing(tmp_path):
     values = load_file(write(tmp_path, settings))
     assert set(values) == {o.key for o in OPTIONS}
     for option in OPTIONS:
-        expected = option.default if option.default is not None else 4
+        if option.default is not None:
+            expected = option.default
+        else:
+            expected = ("eth0",) if option.kind is list else 4
         assert values[option.key] == expected
 
 
@@ -156,6 +167,8 @@ def test_config_show_sources(tmp_path):
         "warm_workers": (2, "env"), "max_jobs": (4, "flag"), "max_attempts": (5, "file"),
         "worker_timeout": (3600.0, "default"), "worker_memory_mb": (4096, "default"),
         "worker_threads": (None, "default"), "max_queued_per_peer": (16, "default"),
+        "mdns": (False, "env"), "mdns_interfaces": (None, "default"), "bootstrap": ([], "default"),
+        "index": (True, "default"), "advert_ttl": (3600.0, "default"),
     }
     assert out["options"]["max_jobs"]["env"] == "HIVECELL_MAX_JOBS" and out["options"]["max_jobs"]["flag"] == \
         "--max-jobs"

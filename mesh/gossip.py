@@ -1,0 +1,371 @@
+"""The gossip index, as a service on a mesh host: adverts by gossipsub, convergence by anti-entropy, search.
+
+Theory of operation
+-------------------
+Every node keeps an :class:`~hivecell.mesh.index.AdvertIndex`. A node *publishes* its own adverts: into its index and
+on the gossipsub topic ``hivecell/adverts/1``. Peers with the *index role* subscribe to the topic; the topic validator
+files each message in the index and lets gossipsub forward only what was new, so forged, expired, oversized, replayed
+and throttled adverts stop at the first honest peer.
+
+Gossipsub is fast but lossy (py-libp2p drops under bursts, rate-limits forwarders, and a peer that joins late never
+sees what was published before), so the index also converges by **anti-entropy** over ``/hivecell/index/1.0.0``: when a
+peer connects, and then every ``sync_interval`` seconds with one connected peer picked at random, a node sends its
+*summary* (32 bytes per record); the other side answers with the records the first lacks and the keys it wants, and
+the first pushes those. Every node initiates syncs (a node without the index role holds only its own adverts and so
+pushes them); only index peers answer them, and search requests.
+
+The same protocol answers searches (``IndexSearch``): a scientist asks one or more index peers and verifies every
+advert it gets itself; an index peer is never trusted with anything but finding records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import trio
+
+from .host import MeshHost, PeerUnreachable, RemoteError, Reply, short
+from .index import KEY_BYTES, MAX_ADVERT_BYTES, AdvertIndex, Verdict, parse_summary
+from .message import ErrorCode, Message, Protocol, RemoteProtocolError
+
+__all__ = [
+    "INDEX_PROTOCOL", "TOPIC", "GossipConfig", "GossipIndex", "IndexSearch", "IndexHits", "IndexSync", "IndexDelta",
+    "IndexPush", "IndexAck", "IndexDigestRequest", "IndexDigest", "open_gossip",
+]
+
+logger = logging.getLogger(__name__)
+
+TOPIC = "hivecell/adverts/1"
+MAX_INDEX_FRAME = 4 << 20
+MAX_BATCH_BYTES = 2 << 20  # adverts per delta or push; the rest follows in the next exchange
+MAX_WANT = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexSync(Message):
+    TAG: ClassVar[str] = "sync"
+    summary: bytes  # the sender's summary (see index.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexDelta(Message):
+    TAG: ClassVar[str] = "delta"
+    adverts: list[bytes]  # records the requester lacks or holds older
+    want: bytes  # 16-byte keys the answering peer lacks or holds older
+    more: bool = False  # the delta was cut at MAX_BATCH_BYTES: sync again
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexPush(Message):
+    TAG: ClassVar[str] = "push"
+    adverts: list[bytes]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexAck(Message):
+    TAG: ClassVar[str] = "ack"
+    new: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexSearch(Message):
+    TAG: ClassVar[str] = "find"
+    words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
+    limit: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexHits(Message):
+    TAG: ClassVar[str] = "hits"
+    adverts: list[bytes]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexDigestRequest(Message):
+    TAG: ClassVar[str] = "dig?"
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexDigest(Message):
+    TAG: ClassVar[str] = "dig"
+    digest: str
+    count: int
+
+
+INDEX_PROTOCOL = Protocol(
+    "/hivecell/index/1.0.0", IndexSync, IndexDelta, IndexPush, IndexAck, IndexSearch, IndexHits, IndexDigestRequest,
+    IndexDigest, max_frame=MAX_INDEX_FRAME,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig:
+    index: bool = True  # subscribe to the topic, answer syncs and searches
+    sync_interval: float = 10.0  # seconds between anti-entropy rounds with a random connected peer
+    heartbeat: float = 1.0  # gossipsub heartbeat (py-libp2p's default of 120 s would leave the mesh unformed)
+    sweep_interval: float = 30.0
+
+
+def _batch(adverts: Iterable[bytes], cap: int = MAX_BATCH_BYTES) -> tuple[list[bytes], bool]:
+    out, size = [], 0
+    for raw in adverts:
+        if size + len(raw) > cap:
+            return out, True
+        out.append(raw)
+        size += len(raw)
+    return out, False
+
+
+def _patch_pubsub_queues() -> None:
+    """py-libp2p hard-wires a 32-message subscription queue and a 32-deep, 1 MiB per-peer outbound queue, and drops
+    silently past them (shared/notes/py-libp2p-0.8.1.md, pitfalls 3b-3d). Raise them, once, before any Pubsub starts."""
+    import libp2p.pubsub.pubsub as pubsub_module
+    import libp2p.pubsub.rpc_queue as rpc_queue
+
+    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, 1024)
+    if rpc_queue.RpcQueue.__init__.__defaults__ != (1024, 4 << 20):
+        rpc_queue.RpcQueue.__init__.__defaults__ = (1024, 4 << 20)
+
+
+class _OncePerMinute(logging.Filter):
+    """py-libp2p logs a WARNING for every message its forwarder rate limit drops: a flooding peer would flood the
+    operator's log. Let one through per minute and drop the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Rate limit exceeded"):
+            return True
+        now = time.monotonic()
+        if now - self._last >= 60.0:
+            self._last = now
+            return True
+        self.dropped += 1
+        return False
+
+
+_RATE_LIMIT_FILTER = _OncePerMinute()
+
+
+class GossipIndex:
+    """The index service of one host. Create with :func:`open_gossip`."""
+
+    def __init__(self, host: MeshHost, index: AdvertIndex, config: GossipConfig) -> None:
+        self.host, self.index, self.config = host, index, config
+        self._pubsub = None
+        self._my_id = None
+        self._synced: dict[str, float] = {}  # peer -> when we last synced with it
+        self._not_index: dict[str, float] = {}  # peers that refused the protocol -> when
+        self._sync_limit = trio.CapacityLimiter(4)
+        self.messages = {"published": 0, "sync_sent": 0, "sync_answered": 0, "adverts_sent": 0}
+        self.on_new: Callable[[bytes], None] | None = None  # called for each advert filed as new (for waiters)
+        self._changed = trio.Event()
+
+    # -- publishing ------------------------------------------------------------------------------------------------
+    async def publish(self, raw: bytes) -> Verdict:
+        """File ``raw`` (one of our own adverts) in our index and gossip it."""
+        verdict = self.index.offer(raw)
+        if verdict is Verdict.NEW:
+            self._wake()
+        if self._pubsub is not None and verdict.accepted:
+            try:
+                await self._pubsub.publish(TOPIC, raw)
+                self.messages["published"] += 1
+            except Exception as exc:  # no peers yet, or the router is stopping: anti-entropy carries it later
+                logger.debug("gossip publish failed: %r", exc)
+        return verdict
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def changed(self) -> None:
+        """Wait until the index files a new record."""
+        await self._changed.wait()
+
+    # -- gossipsub -------------------------------------------------------------------------------------------------
+    def _validate(self, forwarder, msg) -> bool:
+        try:
+            verdict = self.index.offer(bytes(msg.data), throttle=True)
+        except Exception:  # offer never raises for any input; this is a bug of ours and must not reach libp2p
+            logger.exception("advert validator failed")
+            return False
+        if verdict is Verdict.NEW:
+            self._wake()
+            return True
+        if verdict is Verdict.KNOWN and forwarder == self._my_id:  # our own publish: publish() filed it already
+            return True
+        if not verdict.accepted:
+            logger.debug("gossip: advert dropped (%s) from %s", verdict.value, short(str(forwarder)))
+        return False
+
+    # -- anti-entropy: the answering side --------------------------------------------------------------------------
+    async def handle(self, peer: str, message: Message, reply: Reply) -> None:
+        if isinstance(message, IndexPush):
+            new = self._offer_all(message.adverts[:MAX_WANT])
+            await reply.send(IndexAck(new=new))
+            return
+        if not self.config.index:
+            raise RemoteError(ErrorCode.FORBIDDEN, "this peer does not run the index")
+        if isinstance(message, IndexSync):
+            try:
+                remote = parse_summary(message.summary)
+            except ValueError as exc:
+                raise RemoteError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+            ours_newer, theirs_newer = self.index.diff(remote)
+            adverts, more = _batch(a.raw for a in ours_newer)
+            self.messages["sync_answered"] += 1
+            self.messages["adverts_sent"] += len(adverts)
+            await reply.send(IndexDelta(adverts=adverts, want=b"".join(theirs_newer[:MAX_WANT]), more=more))
+            self._synced[peer] = time.monotonic()
+        elif isinstance(message, IndexSearch):
+            if len(message.words) + len(message.tags) + len(message.fields) > 64:
+                raise RemoteError(ErrorCode.BAD_MESSAGE, "at most 64 search terms")
+            hits = self.index.search(message.words, tags=message.tags, fields=message.fields, limit=message.limit)
+            await reply.send(IndexHits(adverts=_batch(a.raw for a in hits)[0]))
+        elif isinstance(message, IndexDigestRequest):
+            self.index.sweep()
+            await reply.send(IndexDigest(digest=self.index.digest(), count=len(self.index)))
+        else:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "not an index request")
+
+    def _offer_all(self, adverts: list[bytes]) -> int:
+        new = 0
+        for raw in adverts:
+            if len(raw) <= MAX_ADVERT_BYTES and self.index.offer(raw) is Verdict.NEW:
+                new += 1
+        if new:
+            self._wake()
+        return new
+
+    # -- anti-entropy: the initiating side -------------------------------------------------------------------------
+    async def sync(self, peer: str) -> int:
+        """One anti-entropy exchange with ``peer``; returns how many records we filed as new.
+
+        Raises:
+            PeerUnreachable, RemoteError, RemoteProtocolError: the exchange failed (the peer may not run the index).
+        """
+        filed = 0
+        for _ in range(8):  # a delta is cut at MAX_BATCH_BYTES; keep going while the peer says there is more
+            self.messages["sync_sent"] += 1
+            delta = await self.host.request(peer, INDEX_PROTOCOL, IndexSync(summary=self.index.summary()),
+                                            expect=IndexDelta)
+            filed += self._offer_all(delta.adverts[:MAX_WANT])
+            want = delta.want[:MAX_WANT * KEY_BYTES]
+            keys = [want[i:i + KEY_BYTES] for i in range(0, len(want) - len(want) % KEY_BYTES, KEY_BYTES)]
+            held = [a.raw for a in (self.index.get(k) for k in keys) if a is not None]
+            while held:
+                batch, _ = _batch(held)
+                if not batch:  # cannot happen (adverts are far below the batch cap); never loop forever
+                    break
+                held = held[len(batch):]
+                self.messages["adverts_sent"] += len(batch)
+                await self.host.request(peer, INDEX_PROTOCOL, IndexPush(adverts=batch), expect=IndexAck)
+            if not delta.more:
+                break
+        self._synced[peer] = time.monotonic()
+        return filed
+
+    async def _sync_quietly(self, peer: str) -> None:
+        async with self._sync_limit:
+            try:
+                new = await self.sync(peer)
+                if new:
+                    logger.debug("anti-entropy with %s: %d new adverts", short(peer), new)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.FORBIDDEN:  # a peer without the index role: push to it never again
+                    self._not_index[peer] = time.monotonic()
+                logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
+            except (PeerUnreachable, RemoteProtocolError) as exc:
+                self._not_index[peer] = time.monotonic()  # e.g. a scientist's client: it does not speak the protocol
+                logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
+
+    async def _anti_entropy(self) -> None:
+        """Sync with each newly connected peer at once, and with a random connected peer every sync_interval."""
+        known: set[str] = set()
+        next_random = trio.current_time() + self.config.sync_interval * random.uniform(0.5, 1.0)
+        async with trio.open_nursery() as nursery:
+            while True:
+                connected = set(self.host.connected_peers())
+                for peer in connected - known:
+                    self._not_index.pop(peer, None)  # a reconnect may be a restart with the index role now
+                    nursery.start_soon(self._sync_quietly, peer)
+                known = connected
+                if trio.current_time() >= next_random:
+                    candidates = [p for p in connected if p not in self._not_index]
+                    if candidates:
+                        nursery.start_soon(self._sync_quietly, random.choice(candidates))
+                    next_random = trio.current_time() + self.config.sync_interval * random.uniform(0.75, 1.25)
+                await trio.sleep(0.25)
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(self.config.sweep_interval)
+            gone = self.index.sweep()
+            if gone:
+                logger.info("index: %d expired adverts dropped", len(gone))
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run gossipsub (index role), anti-entropy and the sweep until cancelled."""
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        _patch_pubsub_queues()
+        gossipsub_log = logging.getLogger("libp2p.pubsub.gossipsub")
+        if _RATE_LIMIT_FILTER not in gossipsub_log.filters:
+            gossipsub_log.addFilter(_RATE_LIMIT_FILTER)
+        self.host.serve(INDEX_PROTOCOL, self.handle)
+        router = GossipSub(
+            [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
+            heartbeat_initial_delay=0.2, heartbeat_interval=self.config.heartbeat,  # type: ignore[arg-type]
+            # Forwarders are rate-limited per topic; the per-signer bucket of the index is the real throttle.
+            max_messages_per_topic_per_second=200.0,
+            # IP-diversity eclipse protection assumes the public internet; on a LAN (or loopback) every peer shares
+            # a subnet and it would keep the mesh from forming.
+            eclipse_protection_enabled=False,
+        )
+        pubsub = Pubsub(self.host.libp2p, router, max_inbound_rpc_size=MAX_INDEX_FRAME)
+        self._my_id = self.host.libp2p.get_id()
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            if self.config.index:
+                pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
+                subscription = await pubsub.subscribe(TOPIC)
+            else:
+                subscription = None
+            self._pubsub = pubsub
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._anti_entropy)
+                    nursery.start_soon(self._sweep)
+                    if subscription is not None:
+                        nursery.start_soon(self._drain, subscription)
+                    task_status.started()
+            finally:
+                self._pubsub = None
+
+    @staticmethod
+    async def _drain(subscription) -> None:
+        """Filing happens in the validator; the subscription's queue only has to be emptied."""
+        while True:
+            await subscription.get()
+
+
+async def open_gossip(host: MeshHost, index: AdvertIndex, config: GossipConfig, nursery: trio.Nursery
+                      ) -> GossipIndex:
+    """Start the index service of ``host`` in ``nursery`` and return it once gossipsub is ready."""
+    service = GossipIndex(host, index, config)
+    await nursery.start(service.serve)
+    return service
