@@ -210,7 +210,7 @@ class AdvertIndex:
                  clock: Callable[[], float] = time.time) -> None:
         self.max_per_signer, self.max_total = max_per_signer, max_total
         self._buckets = _Buckets(rate, burst)
-        self._on_change = on_change
+        self.on_change = on_change
         self._clock = clock
         self._by_key: dict[bytes, Advert] = {}
         self._per_signer: Counter[str] = Counter()
@@ -255,8 +255,8 @@ class AdvertIndex:
                     return Verdict.FULL
             self._per_signer[advert.signer] += 1
         self._by_key[advert.key] = advert
-        if self._on_change is not None:
-            self._on_change(advert.key, advert.raw)
+        if self.on_change is not None:
+            self.on_change(advert.key, advert.raw)
         return Verdict.NEW
 
     def sweep(self, *, now: float | None = None) -> list[bytes]:
@@ -274,8 +274,8 @@ class AdvertIndex:
         self._per_signer[advert.signer] -= 1
         if not self._per_signer[advert.signer]:
             del self._per_signer[advert.signer]
-        if self._on_change is not None:
-            self._on_change(key, None)
+        if self.on_change is not None:
+            self.on_change(key, None)
 
     # -- search ----------------------------------------------------------------------------------------------------
     def search(self, words: Iterable[str] = (), *, tags: Iterable[str] = (), fields: Iterable[str] = (),

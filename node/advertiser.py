@@ -33,7 +33,7 @@ __all__ = ["Advertiser", "load_index", "budget_summary"]
 
 logger = logging.getLogger(__name__)
 
-CHECK_S = 2.0
+CHECK_S = 1.0
 FLUSH_S = 1.0
 
 

@@ -414,4 +414,4 @@ async def _write_peers(home: Home, discovery: Discovery, gossip) -> None:
                 last = view
             except OSError as exc:
                 logger.warning("cannot write %s: %s", home.peers_file, exc)
-        await trio.sleep(2.0)
+        await trio.sleep(1.0)

@@ -4,7 +4,7 @@
         node.key               Ed25519 key, mode 0600
         store/                 LMDB environment (datasets, blobs, jobs, results)
         daemon.json            written by a running daemon: peer id, addresses, pid
-        peers.json             written by a running daemon every few seconds: known peers, the index's counters
+        peers.json             written by a running daemon (each second, on change): known peers, the index's counters
         daemon.lock            held (flock) by the running daemon for its whole life
 
 A daemon is running exactly when someone holds ``daemon.lock``. The lock dies with the process, so a daemon killed by

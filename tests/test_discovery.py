@@ -1,0 +1,132 @@
+"""Daemons on loopback advertise their datasets into the gossip index: search, removal, restart, peers, bootstrap.
+
+mDNS is off here (the LAN test in tests/test_lan.py runs it inside network namespaces); peers find each other by
+``--bootstrap`` addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import trio
+
+from conftest import add_dataset, hc
+from hivecell.node.client import Client
+from hivecell.node.home import Home
+from hivecell.node.localnet import start_daemon
+from hivecell.node.store import Store
+
+
+async def names(bootstrap: list[str], *, expect: int | None = None, timeout: float = 20.0, **query) -> list[str]:
+    async with Client.join(bootstrap=bootstrap, mdns=False) as client:
+        found = await client.search(timeout=timeout, expect=expect, **query)
+    return sorted(f"{i.name}@{i.node[-4:]}" for i in found)
+
+
+def until(predicate, what: str, timeout: float = 30.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.fixture
+def two_daemons(tmp_path, digits):
+    x, y = digits
+    a_home, b_home = Home(tmp_path / "a"), Home(tmp_path / "b")
+    add_dataset(a_home, "digits-a", x[:100], y[:100], tags=("digits", "north"))
+    add_dataset(b_home, "digits-b", x[100:200], y[100:200], tags=("digits", "south"))
+    add_dataset(b_home, "heart", x[:50], y[:50], tags=("tabular",))
+    a = start_daemon(a_home.path, "--warm-workers", "0")
+    b = start_daemon(b_home.path, "--warm-workers", "0", "--bootstrap", a.address)
+    try:
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+async def test_search_finds_every_node_through_one_index_peer(two_daemons):
+    a, b = two_daemons
+    tag = f"@{b.peer_id[-4:]}"
+    # Asking A only: B's adverts reached A's index by anti-entropy when B dialled A, and by gossip.
+    found = await names([a.address], tags=["digits"], expect=2)
+    assert found == sorted([f"digits-a@{a.peer_id[-4:]}", f"digits-b{tag}"])
+    assert await names([a.address], words=["heart"], expect=1) == [f"heart{tag}"]
+    assert await names([a.address], tags=["south", "digits"]) == [f"digits-b{tag}"]
+    assert await names([a.address], words=["no-such-thing"], timeout=3) == []
+    # The advert carries where B listens, so a scientist who found it through A can reach B.
+    async with Client.join(bootstrap=[a.address], mdns=False) as client:
+        (info,) = await client.search(words=["heart"], expect=1, timeout=20)
+        assert info.addrs == b.addrs and info.address == b.address
+        listed = await client.to(info).datasets()
+        assert {d.name for d in listed} == {"digits-b", "heart"}
+
+
+async def test_a_removed_dataset_leaves_the_index_through_its_tombstone(two_daemons):
+    a, b = two_daemons
+    assert len(await names([a.address], tags=["digits"], expect=2)) == 2
+    hc(b.home, "dataset", "remove", "digits-b")
+    started = time.monotonic()
+    with trio.fail_after(30):
+        while len(await names([a.address], tags=["digits"], timeout=2)) != 1:
+            await trio.sleep(0.2)
+    took = time.monotonic() - started
+    print(f"tombstone reached A's index {took:.1f} s after the removal")
+
+    def persisted() -> bool:  # the tombstone replaced the advert in A's persisted index (written once a second)
+        with Store.open(a.home / "store") as store:
+            raws = [raw for _, raw in store.index_records()]
+        return any(b"tombstone" in raw and b"digits-b" in raw for raw in raws)
+
+    until(persisted, "the tombstone is in A's store", timeout=10)
+
+
+def test_the_index_survives_a_restart_and_peers_are_listed(two_daemons, tmp_path):
+    a, b = two_daemons
+    def adverts(home) -> int:
+        return json.loads((home / "peers.json").read_text())["index"]["adverts"] if (home / "peers.json").exists() \
+            else 0
+
+    until(lambda: adverts(a.home) == 3 and adverts(b.home) == 3, "both indexes hold the 3 adverts")
+    info = json.loads(hc(a.home, "peers", "--json").stdout)
+    assert info["daemon"] is True and info["index"]["role"] is True
+    (row,) = [r for r in info["peers"] if r["peer_id"] == b.peer_id]
+    assert row["connected"] and "inbound" in row["found_by"]
+    info_b = json.loads(hc(b.home, "peers", "--json").stdout)
+    (row_b,) = [r for r in info_b["peers"] if r["peer_id"] == a.peer_id]
+    assert row_b["found_by"] == ["bootstrap"] and row_b["addrs"] == [a.address]
+    human = hc(b.home, "peers").stdout
+    assert a.peer_id in human and "bootstrap" in human and "3 adverts" in human
+
+    # A restarts alone (B stopped): its index comes back from its store, and answers at once.
+    b.stop()
+    a.stop()
+    a2 = start_daemon(a.home, "--warm-workers", "0")
+    try:
+        found = trio.run(lambda: names([a2.address], tags=["digits"], timeout=5))
+        assert found == sorted([f"digits-a@{a.peer_id[-4:]}", f"digits-b@{b.peer_id[-4:]}"])
+    finally:
+        a2.stop()
+
+
+def test_search_cli_without_peers_and_with_bad_input(tmp_path, two_daemons):
+    a, _ = two_daemons
+    home = tmp_path / "scientist"
+    lonely = hc(home, "search", "--no-mdns", "--timeout", "1", check=False)
+    assert lonely.returncode == 3 and "no dataset found" in lonely.stderr
+    out = hc(home, "search", "--no-mdns", "--bootstrap", a.address, "--tag", "digits", "--expect", "2", "--json",
+             "--timeout", "20")
+    rows = json.loads(out.stdout)
+    assert sorted(r["name"] for r in rows) == ["digits-a", "digits-b"]
+    assert all(r["schema"]["num_samples"] == 100 and r["addrs"] for r in rows)
+    bad = hc(home, "search", "--bootstrap", "/ip4/127.0.0.1/tcp/1", check=False)
+    assert bad.returncode == 2 and "names no peer" in bad.stderr
+    bad = hc(home, "search", "--mdns-interface", "no-such-if0", "--timeout", "1", check=False)
+    assert bad.returncode == 6 and "no interface named 'no-such-if0'" in bad.stderr
+    human = hc(home, "search", "--no-mdns", "--bootstrap", a.address, "digits-a", "--timeout", "20").stdout
+    assert "digits-a" in human and "100 samples" in human and "digits-b" not in human
