@@ -1117,8 +1117,9 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
 
 # -- federate -----------------------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--node", "nodes", multiple=True, required=True, metavar="MULTIADDR",
-              help="A node to federate over (/ip4/HOST/tcp/PORT/p2p/PEER_ID); repeatable.")
+@click.option("--node", "nodes", multiple=True, metavar="MULTIADDR",
+              help="A node to federate over (/ip4/HOST/tcp/PORT/p2p/PEER_ID); repeatable. Default: every node whose "
+                   "advert has --tag, found on the mesh as `hivecell search` finds them.")
 @click.option("--tag", default="digits", show_default=True, help="Train on each node's first dataset with this tag.")
 @click.option("--model", type=click.Choice(["fed-digits-cnn", "digits-cnn"]), default="fed-digits-cnn",
               show_default=True, help="A model from the built-in zoo (from Python, any exportable model).")
@@ -1138,10 +1139,12 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG of test accuracy and loss per round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON instead of progress.")
+@_join_options
 @click.pass_context
 def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, rounds: int, min_nodes: int,
              max_nodes: int | None, deadline_s: float, strategy: str, epochs: int, batch_size: int, lr: float,
-             checkpoint_dir: Path | None, plot_file: Path | None, as_json: bool) -> None:
+             checkpoint_dir: Path | None, plot_file: Path | None, as_json: bool, timeout: float,
+             bootstrap: tuple[str, ...], mdns: bool, mdns_interfaces: tuple[str, ...]) -> None:
     """Federate a model over NODES for ROUNDS rounds (FedAvg and friends), measured on digits' public test split.
 
     Each round is a training job on every node, under that node's own policy and budget; each update is used only
@@ -1160,6 +1163,27 @@ def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, r
 
     if max_nodes is not None and max_nodes < min_nodes:
         raise CliError("--max-nodes must be at least --min-nodes", ExitCode.USAGE)
+    if not nodes:  # the mesh finds them: every node advertising a dataset with this tag
+        from .client import Client
+
+        async def find() -> list[str]:
+            async with Client.join(identity=_client_identity(ctx), bootstrap=_with_daemon_bootstrap(ctx, bootstrap),
+                                   mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None) as client:
+                found = await client.search(tags=[tag], timeout=timeout, limit=500)
+            return list(dict.fromkeys(i.address for i in found if i.address))
+
+        try:
+            nodes = tuple(trio.run(find))
+        except Exception as exc:
+            if any(isinstance(leaf, MdnsError) for leaf in leaves(exc)):
+                raise CliError(f"mDNS: {exc}", ExitCode.BAD_INPUT) from exc
+            raise
+        if len(nodes) < min_nodes:
+            raise CliError(f"found {len(nodes)} node(s) advertising tag {tag!r} within {timeout:g} s; the federation "
+                           f"needs --min-nodes {min_nodes} (give --node addresses, --bootstrap, or a longer --timeout)",
+                           ExitCode.NOT_FOUND)
+        if not as_json:
+            click.echo(f"found {len(nodes)} nodes with tag {tag!r}", err=True)
     try:
         _, (x_test, y_test) = fedavg_digits(1)
     except DemoError as exc:

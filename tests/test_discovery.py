@@ -130,3 +130,15 @@ def test_search_cli_without_peers_and_with_bad_input(tmp_path, two_daemons):
     assert bad.returncode == 6 and "no interface named 'no-such-if0'" in bad.stderr
     human = hc(home, "search", "--no-mdns", "--bootstrap", a.address, "digits-a", "--timeout", "20").stdout
     assert "digits-a" in human and "100 samples" in human and "digits-b" not in human
+
+
+def test_federate_finds_its_nodes_by_tag(tmp_path, two_daemons):
+    a, b = two_daemons
+    home = tmp_path / "modeller"
+    out = hc(home, "federate", "--tag", "digits", "--rounds", "1", "--min-nodes", "2", "--json", "--no-mdns",
+             "--bootstrap", a.address, "--timeout", "10", "--deadline", "120")
+    result = json.loads(out.stdout)
+    assert result["rounds"] == 1 and sorted(result["history"][0]["participants"]) == sorted([a.peer_id, b.peer_id])
+    too_few = hc(home, "federate", "--tag", "south", "--rounds", "1", "--min-nodes", "2", "--no-mdns",
+                 "--bootstrap", a.address, "--timeout", "3", check=False)
+    assert too_few.returncode == 3 and "found 1 node(s) advertising tag 'south'" in too_few.stderr
