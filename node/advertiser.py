@@ -22,6 +22,7 @@ import trio
 
 from hivecell.crypto.canonical import canonical_packb
 from hivecell.crypto.identity import Identity
+from hivecell.mesh.dht import MeshDht
 from hivecell.mesh.gossip import GossipIndex
 from hivecell.mesh.index import AdvertIndex
 
@@ -58,9 +59,11 @@ def load_index(store: Store, index: AdvertIndex) -> int:
 
 class Advertiser:
     def __init__(self, *, identity: Identity, store: Store, gossip: GossipIndex, addrs: list[str],
-                 ttl: float = ADVERT_TTL_S) -> None:
+                 ttl: float = ADVERT_TTL_S, dht: MeshDht | None = None) -> None:
         self.identity, self.store, self.gossip, self.addrs, self.ttl = identity, store, gossip, addrs, ttl
+        self.dht = dht
         self._published: dict[str, tuple[str, float]] = {}  # name -> (content digest, when)
+        self._to_dht: dict[str, bytes] = {}  # adverts (and tombstones) not yet put in the DHT
         self._pending: dict[bytes, bytes | None] = {}
         self._poke = trio.Event()
         gossip.index.on_change = self._changed
@@ -97,17 +100,35 @@ class Advertiser:
             raw = make_advert(self.identity, what["record"], owner=what["owner"], delegation=what["delegation"],
                               addrs=self.addrs, budget=what["budget"], ttl=self.ttl, now=now)
             await self.gossip.publish(raw)
+            self._to_dht[name] = raw
             self._published[name] = (digest, now)
             published += 1
             logger.info("advertised dataset %s%s", name, "" if last is None else " again")
         for name in sorted(set(advertised) - set(current)):
-            await self.gossip.publish(make_tombstone(self.identity, name, ttl=self.ttl, now=now))
+            tomb = make_tombstone(self.identity, name, ttl=self.ttl, now=now)
+            await self.gossip.publish(tomb)
+            self._to_dht[name] = tomb
             self._published.pop(name, None)
             published += 1
             logger.info("dataset %s removed: tombstone published", name)
         if set(advertised) != set(current):
             await trio.to_thread.run_sync(self.store.set_advertised, sorted(current))
         return published
+
+    async def _put_in_dht(self) -> None:
+        """Put what changed in the DHT once it has peers (a node that starts alone puts its adverts when it meets
+        its first peer). A task of its own: a slow DHT must not hold up the index or its persistence."""
+        while True:
+            await trio.sleep(1.0)
+            if self.dht is None or not self._to_dht or not self.dht.has_peers():
+                continue
+            pending, self._to_dht = self._to_dht, {}
+            started = trio.current_time()
+            with trio.move_on_after(60):
+                done = await self.dht.put_adverts(pending.values())
+                logger.info("DHT: %d of %d adverts put in %.1f s", done, len(pending), trio.current_time() - started)
+                continue
+            logger.info("DHT: putting adverts took over 60 s; retried at the next change or republish")
 
     async def flush(self) -> None:
         if self._pending:
@@ -116,7 +137,13 @@ class Advertiser:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.tick()
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self.dht is not None:
+                nursery.start_soon(self._put_in_dht)
+            task_status.started()
+            await self._publish_and_persist()
+
+    async def _publish_and_persist(self) -> None:
         next_check = trio.current_time() + CHECK_S
         try:
             while True:

@@ -30,6 +30,7 @@ from hivecell.crypto.canonical import CanonicalError, strict_unpackb
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, seal
 from hivecell.crypto.signoff import SignOff, SignoffRejected, verify_signoff
+from hivecell.mesh.dht import MeshDht
 from hivecell.mesh.discovery import Discovery
 from hivecell.mesh.gossip import INDEX_PROTOCOL, GossipConfig, GossipIndex, IndexHits, IndexSearch, open_gossip
 from hivecell.mesh.host import MeshHost, PeerUnreachable, RemoteError, open_host
@@ -109,20 +110,21 @@ class Client:
     """
 
     def __init__(self, host: MeshHost, node: str, address: str, *, discovery: Discovery | None = None,
-                 gossip: GossipIndex | None = None) -> None:
+                 gossip: GossipIndex | None = None, dht: MeshDht | None = None) -> None:
         self.host, self.node, self.address = host, node, address
-        self.discovery, self.gossip = discovery, gossip
+        self.discovery, self.gossip, self.dht = discovery, gossip, dht
         self._datasets: dict[str, DatasetInfo] = {}
         self._plans: dict[str, tuple[str, str]] = {}  # job id -> (dataset, plan hash)
 
     @classmethod
     @asynccontextmanager
     async def join(cls, *, identity: Identity | None = None, bootstrap: Sequence[str] = (), mdns: bool = True,
-                   mdns_interfaces: Sequence[str] | None = None, index: bool = False,
+                   mdns_interfaces: Sequence[str] | None = None, index: bool = False, dht: bool = True,
                    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> AsyncIterator[Client]:
         """Join the mesh with no node in mind: browse mDNS on ``mdns_interfaces`` (default: every non-loopback
         interface; nothing is announced) and dial ``bootstrap`` addresses. With ``index``, keep an index of adverts
-        in this process too (it fills by anti-entropy from the peers found, and :meth:`search` also reads it).
+        in this process too (it fills by anti-entropy from the peers found, and :meth:`search` also reads it). With
+        ``dht``, a search by tag also asks the DHT which nodes provide the tag (for datasets no index peer reaches).
 
         Raises:
             MdnsError: an interface name that does not exist here.
@@ -133,7 +135,10 @@ class Client:
                 discovery = Discovery(host, mdns_ips=ips, announce=False, bootstrap=list(bootstrap))
                 await nursery.start(discovery.serve)
                 gossip = await open_gossip(host, AdvertIndex(), GossipConfig(index=True), nursery) if index else None
-                yield cls(host, "", "", discovery=discovery, gossip=gossip)
+                mesh_dht = MeshDht(host, server=False) if dht else None
+                if mesh_dht is not None:
+                    await nursery.start(mesh_dht.serve)
+                yield cls(host, "", "", discovery=discovery, gossip=gossip, dht=mesh_dht)
                 nursery.cancel_scope.cancel()
 
     def to(self, node: str | DatasetInfo) -> Client:
@@ -141,7 +146,7 @@ class Client:
         info = node if isinstance(node, DatasetInfo) else None
         peer = info.node if info is not None else str(node)
         client = Client(self.host, peer, info.address if info is not None else "", discovery=self.discovery,
-                        gossip=self.gossip)
+                        gossip=self.gossip, dht=self.dht)
         if info is not None:
             client._datasets[info.name] = info
         return client
@@ -206,7 +211,22 @@ class Client:
             for raw in reply.adverts[:1024]:
                 found.offer(raw)
 
+        async def ask_dht() -> None:
+            """Nodes that provide one of the tags: dial them; the next round asks them for their datasets."""
+            for tag in tags:
+                for peer, addrs in await self.dht.providers(tag):  # type: ignore[union-attr]
+                    if self.discovery is not None:
+                        await self.discovery.found(peer, addrs, "dht")
+                    elif peer not in self.host.connected_peers():
+                        for addr in addrs:
+                            try:
+                                await self.host.connect(addr)
+                                break
+                            except (PeerUnreachable, ValueError):
+                                continue
+
         quiet_since: float | None = None
+        dht_asked_at = -math.inf
         with trio.move_on_after(timeout):
             if self.discovery is not None:
                 await self.discovery.connected_event.wait()
@@ -222,6 +242,12 @@ class Client:
                 async with trio.open_nursery() as nursery:
                     for peer in targets:
                         nursery.start_soon(ask, peer)
+                    # The DHT once the first answers are in, and again every few seconds while results are missing.
+                    if (self.dht is not None and tags and connected
+                            and trio.current_time() - dht_asked_at >= 2.0 and (expect is None or dht_asked_at < 0
+                                                                              or len(results()) < expect)):
+                        dht_asked_at = trio.current_time()
+                        nursery.start_soon(ask_dht)
                 asked |= targets
                 if expect is not None:
                     if len(results()) >= expect:

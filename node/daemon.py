@@ -21,6 +21,7 @@ import trio
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record
 from hivecell.mesh.errors import leaves
+from hivecell.mesh.dht import MeshDht
 from hivecell.mesh.discovery import Discovery
 from hivecell.mesh.gossip import GossipConfig, open_gossip
 from hivecell.mesh.host import RemoteError, Reply, open_host, short
@@ -371,10 +372,12 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
             addrs = host.addrs()
             async with trio.open_nursery() as nursery:
                 gossip = await open_gossip(host, index, GossipConfig(index=config.index), nursery)
+                dht = MeshDht(host, server=True)
+                await nursery.start(dht.serve)
                 discovery = Discovery(host, mdns_ips=mdns_ips, bootstrap=config.bootstrap)
                 await nursery.start(discovery.serve)
                 advertiser = Advertiser(identity=identity, store=store, gossip=gossip,
-                                        addrs=advert_addrs(addrs, mdns_ips), ttl=config.advert_ttl)
+                                        addrs=advert_addrs(addrs, mdns_ips), ttl=config.advert_ttl, dht=dht)
                 await nursery.start(advertiser.serve)
                 nursery.start_soon(_write_peers, home, discovery, gossip)
                 home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})

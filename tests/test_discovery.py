@@ -142,3 +142,25 @@ def test_federate_finds_its_nodes_by_tag(tmp_path, two_daemons):
     too_few = hc(home, "federate", "--tag", "south", "--rounds", "1", "--min-nodes", "2", "--no-mdns",
                  "--bootstrap", a.address, "--timeout", "3", check=False)
     assert too_few.returncode == 3 and "found 1 node(s) advertising tag 'south'" in too_few.stderr
+
+
+async def test_the_dht_finds_a_dataset_that_no_index_peer_reaches(tmp_path, digits):
+    x, y = digits
+    a_home, c_home = Home(tmp_path / "a"), Home(tmp_path / "c")
+    add_dataset(a_home, "near", x[:50], y[:50], tags=("digits",))
+    add_dataset(c_home, "far", x[50:100], y[50:100], tags=("digits", "far-away"))
+    # No index anywhere: A and C only hold their own adverts; C knows A, the scientist knows only A.
+    a = start_daemon(a_home.path, "--warm-workers", "0", "--no-index")
+    c = start_daemon(c_home.path, "--warm-workers", "0", "--no-index", "--bootstrap", a.address)
+    try:
+        async with Client.join(bootstrap=[a.address], mdns=False, dht=False) as client:
+            without = await client.search(tags=["far-away"], timeout=4)
+        assert without == []  # A is no index peer, and it holds no such dataset itself
+        async with Client.join(bootstrap=[a.address], mdns=False) as client:
+            found = await client.search(tags=["far-away"], expect=1, timeout=30)
+            assert [(i.name, i.node) for i in found] == [("far", c.peer_id)]
+            row = next(r for r in client.peers() if r["peer_id"] == c.peer_id)
+            assert "dht" in row["found_by"]
+    finally:
+        c.stop()
+        a.stop()
