@@ -314,8 +314,8 @@ def _join_options(command: Any) -> Any:
     command = click.option("--mdns-interface", "mdns_interfaces", multiple=True, type=_Interface(),
                            metavar="IFACE", help="Browse mDNS on this interface (name or IPv4 address), repeatable. "
                                                  "Default: every non-loopback interface. Nothing is announced.")(command)
-    command = click.option("--mdns/--no-mdns", default=True, show_default=True,
-                           help="Look for peers on the LAN with mDNS.")(command)
+    command = click.option("--mdns/--no-mdns", default=True, show_default=True, envvar="HIVECELL_MDNS",
+                           show_envvar=True, help="Look for peers on the LAN with mDNS.")(command)
     command = click.option("--bootstrap", multiple=True, type=_Peer(), metavar="MULTIADDR",
                            help="A peer to dial (/ip4/HOST/tcp/PORT/p2p/PEER_ID), repeatable; with no daemon in "
                                 "this home and no mDNS, the only way in.")(command)

@@ -129,9 +129,12 @@ def run_demo(*, nodes: int = 4, epochs: int = 30, rounds: int = 5, workdir: Path
             # the N Workers of a FedAvg round spin against each other, several times slower than a share each.
             threads = str(max(1, len(os.sched_getaffinity(0)) // nodes))
             for i, spec in enumerate(specs):
-                # Only the node that gets the job keeps a warm Worker; the others would only spend memory.
+                # Only the node that gets the job keeps a warm Worker; the others would only spend memory. mDNS stays
+                # off (start_daemon): the nodes join the first one's mesh by --bootstrap, so the demo announces
+                # nothing on the machine's network.
+                extra = ("--bootstrap", daemons[0].address) if daemons else ()
                 daemons.append(start_daemon(spec["home"], "--warm-workers", "1" if i == 0 else "0",
-                                            "--worker-threads", threads))
+                                            "--worker-threads", threads, *extra))
         for spec, d in zip(specs, daemons):
             spec.update(peer_id=d.peer_id, address=d.address)
             console.print(f"node {d.peer_id[-8:]} at {d.address} holds [bold]{spec['dataset']}[/] "
@@ -170,13 +173,17 @@ def _scientist(daemons: list[DaemonProcess], specs: list[dict[str, Any]], *, epo
                            "signoff_verified": False}
 
     async def main() -> None:
-        # Search: every node's signed adverts (PyGrid's "search the network", here node by node).
-        for d in daemons:
-            async with Client.connect(d.address) as c:
-                for info in await c.datasets():
-                    console.print(f"  found [bold]{info.name}[/] on …{info.node[-8:]}: tags {', '.join(info.tags)}, "
-                                  f"{info.schema['num_samples']} samples, mock preview of {len(info.mock['labels'])}"
-                                  f" synthetic rows")
+        # Search the mesh (PyGrid's "search the network", with no Network server): join through one node and ask
+        # the gossip index, which every node keeps; each advert is verified here.
+        t0 = time.perf_counter()
+        async with Client.join(bootstrap=[target.address], mdns=False) as mesh:
+            found = await mesh.search(tags=["digits"], expect=len(daemons), timeout=60)
+        out["search"] = {"found": len(found), "seconds": round(time.perf_counter() - t0, 2)}
+        console.print(f"searched the mesh for tag digits: {len(found)} datasets in {out['search']['seconds']} s")
+        for info in found:
+            console.print(f"  found [bold]{info.name}[/] on …{info.node[-8:]}: tags {', '.join(info.tags)}, "
+                          f"{info.schema['num_samples']} samples, mock preview of {len(info.mock['labels'])}"
+                          f" synthetic rows")
         plan = build_plan(DigitsCNN(), digits_example_input(), dict(DEMO_RECIPE, epochs=epochs))
         async with Client.connect(target.address) as client:
             await client.datasets()

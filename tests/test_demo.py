@@ -36,4 +36,5 @@ def test_demo_json():
     assert federation["final_accuracy"] == federation["history"][-1]["accuracy"] > 0.5
     assert 0 < federation["epsilon_per_node"] < 30
     assert job["node"] == report["nodes"][0]["peer_id"]
+    assert job["search"]["found"] == 4  # every node's dataset, through the gossip index of the node it joined by
     assert len(report["nodes"]) == 4 and len({n["peer_id"] for n in report["nodes"]}) == 4

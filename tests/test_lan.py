@@ -193,7 +193,7 @@ def test_four_daemons_found_by_search_with_no_bootstrap(tmp_path):
         _hc(lan, 5, client, "init")
         started = time.monotonic()
         found = _hc(lan, 5, client, "search", "--tag", "lan", "--json", "--timeout", "20",
-                    "--mdns-interface", lan.ip(5), "--expect", "4", timeout=60)
+                    "--mdns", "--mdns-interface", lan.ip(5), "--expect", "4", timeout=60)
         took = time.monotonic() - started
         try:
             results = json.loads(found.stdout)
@@ -206,7 +206,7 @@ def test_four_daemons_found_by_search_with_no_bootstrap(tmp_path):
             assert by_name[name]["node"] == peer_id, f"{name}: {by_name[name]}\n{logs()}"
             assert {"digits", "lan"} <= set(by_name[name]["tags"]), by_name[name]
 
-        words = _hc(lan, 5, client, "search", "--json", "--timeout", "20", "--mdns-interface", lan.ip(5), "lan-3",
+        words = _hc(lan, 5, client, "search", "--json", "--timeout", "20", "--mdns", "--mdns-interface", lan.ip(5), "lan-3",
                     timeout=60)
         names = [r["name"] for r in json.loads(words.stdout)]
         assert "lan-3" in names, f"word search found {names}\n{words.stderr}\n{logs()}"
