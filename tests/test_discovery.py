@@ -164,3 +164,14 @@ async def test_the_dht_finds_a_dataset_that_no_index_peer_reaches(tmp_path, digi
     finally:
         c.stop()
         a.stop()
+
+
+async def test_a_client_can_keep_an_index_in_process(two_daemons):
+    a, b = two_daemons
+    async with Client.join(bootstrap=[a.address], mdns=False, index=True) as client:
+        with trio.fail_after(20):  # anti-entropy on connect fills the client's own index
+            while len(client.gossip.index) < 3:
+                await trio.sleep(0.1)
+        assert {x.name for x in client.gossip.index.search()} == {"digits-a", "digits-b", "heart"}
+        found = await client.search(tags=["south"], expect=1, timeout=10)
+        assert [(i.name, i.node) for i in found] == [("digits-b", b.peer_id)]
