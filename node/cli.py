@@ -325,8 +325,9 @@ def _join_options(command: Any) -> Any:
 
 
 def _client_identity(ctx: click.Context) -> Any:
-    home = _home(ctx)
-    return home.identity() if home.is_initialized() else None
+    """A fresh key for looking around (search, peers, finding nodes): the home's key is the node's own when a daemon
+    runs here, and a host cannot dial a peer with its own id."""
+    return None
 
 
 def _with_daemon_bootstrap(ctx: click.Context, bootstrap: tuple[str, ...]) -> list[str]:
@@ -436,8 +437,11 @@ def peers(ctx: click.Context, timeout: float, bootstrap: tuple[str, ...], mdns: 
                    + (f"  {row['addrs'][0]}" if row.get("addrs") else ""))
     index = info.get("index")
     if index:
+        counters = index.get("counters", {})
+        dropped = {k: v for k, v in counters.items() if k not in ("new", "known", "swept") and v}
         click.echo(f"index: {'on' if index.get('role') else 'off'}, {index.get('adverts', 0)} adverts, "
-                   f"digest {str(index.get('digest', ''))[:16]}")
+                   f"digest {str(index.get('digest', ''))[:16]}"
+                   + (f"; dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))}" if dropped else ""))
 
 
 
