@@ -73,13 +73,19 @@ __all__ = [
 ]
 
 
+@functools.cache
 def _rdp_orders() -> tuple[float, ...]:
     from dp_accounting.rdp import rdp_privacy_accountant
 
     return tuple(float(o) for o in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 
 
-RDP_ORDERS: tuple[float, ...] = _rdp_orders()
+def __getattr__(name: str) -> Any:
+    # RDP_ORDERS is computed on first use: dp_accounting imports scipy (~1.7 s and ~65 MB), which a daemon that
+    # never prices a DP job must not pay for at start.
+    if name == "RDP_ORDERS":
+        return _rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 EVAL_SENSITIVITY = math.sqrt(2.0)  # L2 sensitivity of the evaluate query (module docstring)
 
 
@@ -130,7 +136,7 @@ def _rdp_epsilon(event: Any, delta: float) -> float:
     from dp_accounting import NeighboringRelation
     from dp_accounting.rdp import RdpAccountant
 
-    accountant = RdpAccountant(list(RDP_ORDERS), NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant = RdpAccountant(list(_rdp_orders()), NeighboringRelation.ADD_OR_REMOVE_ONE)
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
 

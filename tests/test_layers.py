@@ -18,7 +18,12 @@ def _modules_after(statement: str) -> set[str]:
     ("hivecell.crypto.record", {"trio", "libp2p", "lmdb", "torch", "hivecell.mesh", "hivecell.node"}),
     ("hivecell.crypto.signoff", {"trio", "libp2p", "lmdb", "torch", "hivecell.mesh", "hivecell.node"}),
     ("hivecell.mesh.host", {"torch", "lmdb", "hivecell.node"}),
-    ("hivecell.node.daemon", {"torch"}),
+    ("hivecell.mesh.gossip", {"torch", "lmdb", "hivecell.node"}),
+    ("hivecell.mesh.index", {"trio", "libp2p", "torch", "lmdb", "hivecell.node"}),  # the pure core
+    ("hivecell.mesh.discovery", {"torch", "lmdb", "hivecell.node"}),
+    ("hivecell.mesh.dht", {"torch", "lmdb", "hivecell.node"}),
+    # dp_accounting pulls scipy (~1.7 s, ~65 MB): the daemon prices DP jobs with it on first use only.
+    ("hivecell.node.daemon", {"torch", "scipy", "dp_accounting"}),
     ("hivecell.node.cli", {"torch", "libp2p"}),
 ])
 def test_imports_point_down(module, forbidden):
