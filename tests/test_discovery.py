@@ -126,7 +126,7 @@ def test_search_cli_without_peers_and_with_bad_input(tmp_path, two_daemons):
     assert all(r["schema"]["num_samples"] == 100 and r["addrs"] for r in rows)
     bad = hc(home, "search", "--bootstrap", "/ip4/127.0.0.1/tcp/1", check=False)
     assert bad.returncode == 2 and "names no peer" in bad.stderr
-    bad = hc(home, "search", "--mdns-interface", "no-such-if0", "--timeout", "1", check=False)
+    bad = hc(home, "search", "--mdns", "--mdns-interface", "no-such-if0", "--timeout", "1", check=False)
     assert bad.returncode == 6 and "no interface named 'no-such-if0'" in bad.stderr
     human = hc(home, "search", "--no-mdns", "--bootstrap", a.address, "digits-a", "--timeout", "20").stdout
     assert "digits-a" in human and "100 samples" in human and "digits-b" not in human
