@@ -242,9 +242,10 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_one(tmp_path):
         import hashlib
 
         assert {j["weights_key"] for j in sent} == {hashlib.sha256(weights_at_k).hexdigest()}
-        other = _federate_cli(daemons[:0], tmp_path / "fresh", 1)  # no nodes: a clear error
+        # no --node and no node on the mesh advertising the tag (mDNS off, no bootstrap): a clear error, exit 3
+        other = _federate_cli(daemons[:0], tmp_path / "fresh", 1, "--timeout", "1")
         _, err = other.communicate(timeout=120)
-        assert other.returncode == 2 and "--node" in err
+        assert other.returncode == 3 and "found 0 node(s) advertising tag 'digits'" in err and "--node" in err
     finally:
         for d in daemons:
             d.stop()
