@@ -65,7 +65,14 @@ core). Medians of 3 after a warm-up.
 Goal (issue 4): overhead under 0.5 s per round at N = 8, and overhead that grows no faster than linearly with N:
 ``overhead_growth`` = (overhead at the largest N / at the smallest N) / (largest N / smallest N), at most 1.
 
-Usage: ``python bench/fedavg_rounds.py [--nodes 4 8 16] [--rounds 6 | --rounds 6 6 10]``. Progress goes to stderr (one
+The bulk lane's effect (``lane_effect``, issue 5): with :class:`WideDigitsCNN` (the same CNN with a 6144-unit hidden
+layer: 25.5 MB of weights), the same N daemons (default 4) run rounds with the lane (weights and updates above 1 MiB
+pulled over TLS 1.3 bound to the peer ids) and rounds without it (``FederationConfig(lane=False)``: inline on
+libp2p streams), alternately, each round from fresh weights (no node holds them yet), after a warm-up round; reported
+as medians per mode and the ratio of overheads, with the nodes' lane counters (transfers by way, fallbacks).
+
+Usage: ``python bench/fedavg_rounds.py [--nodes 4 8 16] [--rounds 6 | --rounds 6 6 10] [--lane-effect 4 4]
+[--only-lane-effect]``. Progress goes to stderr (one
 line per round), the JSON to stdout. Every daemon is stopped and every temporary home removed on exit, Ctrl-C and
 SIGTERM included. Linux (psutil, /proc).
 """
@@ -85,6 +92,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -601,6 +609,99 @@ def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[s
     return out
 
 
+def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, Any]:
+    """The bulk lane's effect on a round with a model of about 25 MB (:class:`WideDigitsCNN`): the same N daemons run
+    one federation with the lane (weights and updates above 1 MiB pulled over TLS 1.3 bound to the peer ids) and one
+    without (``FederationConfig(lane=False)``: everything inline on libp2p streams), alternately, ``rounds`` rounds
+    each after a one-round warm-up; one coordinator identity throughout, so each node's parked Worker serves every
+    federation and no federation pays a Worker start. Reports medians over the rounds of each mode."""
+    import torch
+
+    from hivecell.crypto.identity import Identity
+    from hivecell.node.demo import fedavg_digits
+    from hivecell.node.federate import FederationConfig, federate
+    from hivecell.node.localnet import start_daemon
+    from hivecell.node.plan import build_plan
+    from hivecell.node.zoo import WideDigitsCNN, digits_example_input
+
+    shards, _ = fedavg_digits(n)
+    torch.manual_seed(0)
+    plan = build_plan(WideDigitsCNN(), digits_example_input(), RECIPE)
+    homes = []
+    for i, (x, y) in enumerate(shards):
+        homes.append(root / f"lane-n{n}-{i}")
+        _add_dataset(homes[-1], f"digits-{i}", x, y)
+    identity = Identity.generate()
+    daemons: list[Any] = []
+    per_mode: dict[str, list[Any]] = {"lane": [], "stream": []}
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            daemons.extend(pool.map(lambda h: start_daemon(h, "--warm-workers", str(warm), "--worker-threads", "1"),
+                                    homes))
+        pids = [d.process.pid for d in daemons]
+        wait_settled(pids, warm=warm)
+        addresses = [d.address for d in daemons]
+
+        seeds = iter(range(1, 1_000_000))
+
+        def one(lane: bool, r: int) -> list[Any]:
+            # fresh initial weights each time (same program, so the parked Workers serve it): as in a real round,
+            # no node holds the round's weights yet, so the lane mode gets no help from deduplication
+            round_plan = replace(plan, weights=_reseeded_weights(plan.weights, next(seeds)))
+            config = FederationConfig(rounds=r, min_nodes=n, deadline_s=DEADLINE_S, strategy="fedavg", tag="digits",
+                                      lane=lane)
+            return trio.run(lambda: federate(addresses, round_plan, config=config, identity=identity)).history
+
+        one(True, 1)  # warm-up: every node's Worker starts and parks; not counted
+        wait_settled(pids, warm=warm)  # the warm-up's jobs took the spares: let their replacements import torch
+        for i in range(rounds):  # alternate, so that drift on the shared box spreads over both modes
+            for mode in (("lane", "stream") if i % 2 == 0 else ("stream", "lane")):
+                record = one(mode == "lane", 1)[0]
+                per_mode[mode].append(record)
+                _log(f"lane effect N={n} {mode}: round {record.seconds:.2f} s, slowest train "
+                     f"{record.slowest_train_s:.2f} s, overhead {record.seconds - record.slowest_train_s:.2f} s")
+        lane_stats = _lane_counters(homes)
+    finally:
+        _stop_all(daemons)
+
+    def summary(records: list[Any]) -> dict[str, Any]:
+        return {"round_s_median": _median([r.seconds for r in records]),
+                "slowest_train_s_median": _median([r.slowest_train_s for r in records]),
+                "overhead_s_median": _median([r.seconds - r.slowest_train_s for r in records]),
+                "overhead_s": [_r(r.seconds - r.slowest_train_s) for r in records],
+                "bytes_per_round": int(statistics.median(r.bytes_sent + r.bytes_received for r in records)),
+                "accepted_min": min(len(r.accepted) for r in records)}
+
+    lane, stream = summary(per_mode["lane"]), summary(per_mode["stream"])
+    out = {"nodes": n, "rounds_per_mode": rounds, "model": "WideDigitsCNN", "weights_bytes": len(plan.weights),
+           "lane": lane, "stream": stream, "node_lane_counters": lane_stats}
+    if lane["overhead_s_median"] and stream["overhead_s_median"]:
+        out["overhead_stream_over_lane"] = round(stream["overhead_s_median"] / lane["overhead_s_median"], 2)
+        out["overhead_saved_s"] = _r(stream["overhead_s_median"] - lane["overhead_s_median"])
+    return out
+
+
+def _reseeded_weights(weights: bytes, seed: int) -> bytes:
+    """The same tensors (names, shapes, dtypes), scaled by a factor drawn from ``seed``: other bytes, same model."""
+    from hivecell.node.federate import decode_weights, encode_weights
+
+    scale = 1.0 + 0.01 * (seed % 97) / 97
+    return encode_weights({k: (v * scale).astype(v.dtype) for k, v in decode_weights(weights).items()})
+
+
+def _lane_counters(homes: list[Path]) -> dict[str, int]:
+    """The nodes' bulk-lane counters (from each daemon's peers.json), summed: how the weights and updates moved."""
+    total: dict[str, int] = {}
+    for home in homes:
+        try:
+            stats = json.loads((home / "peers.json").read_text()).get("lane", {}).get("stats", {})
+        except (OSError, ValueError):
+            continue
+        for key, value in stats.items():  # transfers by way, bytes, fallbacks, stalls, busy answers, ...
+            total[key] = total.get(key, 0) + int(value)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16], help="node counts (default 4 8 16)")
@@ -610,10 +711,16 @@ def main() -> None:
     parser.add_argument("--warm-workers", type=int, default=1, help="each daemon's --warm-workers (default 1)")
     parser.add_argument("--no-settle", action="store_true",
                         help="do not wait for the warm spares to be ready, before round 1 and after it")
+    parser.add_argument("--lane-effect", type=int, nargs=2, default=[4, 4], metavar=("NODES", "ROUNDS"),
+                        help="the bulk lane's effect with a 25 MB model: NODES daemons, ROUNDS rounds with the lane "
+                             "and as many without (default 4 4; 0 0 skips it)")
+    parser.add_argument("--only-lane-effect", action="store_true", help="measure only the lane's effect")
     args = parser.parse_args()
+    if args.only_lane_effect:
+        args.nodes = []
     if args.rounds is None:
         args.rounds = [10 if n >= 16 else 6 for n in args.nodes]
-    if len(args.rounds) not in (1, len(args.nodes)):
+    if len(args.rounds) not in (1, len(args.nodes)) and args.nodes:
         parser.error("--rounds takes one value or one per --nodes value")
     if any(n < 1 for n in args.nodes) or any(r < 1 for r in args.rounds):
         parser.error("--nodes and --rounds must be positive")
@@ -640,7 +747,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hivecell-fedbench-") as tmp:
         for n, r in zip(args.nodes, rounds):
             results.append(run_n(n, r, root=Path(tmp), settle=not args.no_settle, warm=args.warm_workers))
+        lane_n, lane_rounds = args.lane_effect
+        if lane_n > 0 and lane_rounds > 0:
+            report["lane_effect"] = run_lane_effect(lane_n, lane_rounds, root=Path(tmp), warm=args.warm_workers)
     report["results"] = results
+    if not results:
+        report["bench_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(report, indent=2))
+        return
     report["baseline_local_epoch_s"] = {str(x["nodes"]): x["baseline_local_epoch_s"] for x in results}
     report["goal"] = GOAL
     by_n = {x["nodes"]: x for x in results}

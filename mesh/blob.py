@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, OrderedDict
-from contextlib import nullcontext
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, nullcontext
 
 import trio
 
@@ -35,7 +36,7 @@ from .lane import (
     _digest,
 )
 
-__all__ = ["BlobCache", "fetch_blob"]
+__all__ = ["BlobCache", "SharedOffers", "fetch_blob"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +137,67 @@ async def fetch_blob(lane: Lane, peer_id: str, sha256: str | bytes, *, cache: Bl
     if cache is not None:
         cache.put_verified(digest, blob)
     return blob
+
+
+class SharedOffers:
+    """Blobs offered on a lane to peers, held by reference counts: the same blob (a round's global model) held for
+    several peers at once is one offer whose peer set is the union; it is withdrawn when the last hold ends.
+
+    ``nursery`` (optional) runs :meth:`release_later`.
+    """
+
+    def __init__(self, lane: Lane, nursery: trio.Nursery | None = None) -> None:
+        self.lane, self.nursery = lane, nursery
+        self._holds: dict[bytes, tuple[memoryview, Counter[str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    async def hold(self, blob, peer: str, *, sha256: str | bytes | None = None) -> str:
+        """Offer ``blob`` to ``peer`` (also) until :meth:`release`; return its sha256 in hex."""
+        view = _byte_view(blob)
+        if sha256 is None:
+            sha256 = await trio.to_thread.run_sync(lambda: hashlib.sha256(view).digest())
+        digest = _digest(sha256)
+        held = self._holds.get(digest)
+        if held is None:
+            held = self._holds[digest] = (view, Counter())
+        held[1][peer] += 1
+        self.lane.offer_hashed(held[0], digest, to=set(held[1]))
+        return digest.hex()
+
+    def release(self, sha256: str | bytes, peer: str) -> None:
+        """End one hold of ``peer`` on the blob; the offer shrinks to the peers still holding it, or is withdrawn."""
+        digest = _digest(sha256)
+        held = self._holds.get(digest)
+        if held is None or held[1][peer] <= 0:
+            return
+        held[1][peer] -= 1
+        if held[1][peer] == 0:
+            del held[1][peer]
+        if not held[1]:
+            del self._holds[digest]
+            self.lane.withdraw(digest)
+            return
+        self.lane.offer_hashed(held[0], digest, to=set(held[1]))
+
+    def release_later(self, sha256: str | bytes, peer: str, delay: float) -> None:
+        """:meth:`release` after ``delay`` seconds (in ``nursery``): for an answer that names the blob and leaves the
+        peer time to fetch it."""
+        if self.nursery is None:
+            raise RuntimeError("release_later needs a nursery")
+
+        async def later() -> None:
+            await trio.sleep(delay)
+            self.release(sha256, peer)
+
+        self.nursery.start_soon(later)
+
+    @asynccontextmanager
+    async def holding(self, blob, peer: str, *, sha256: str | bytes | None = None) -> AsyncIterator[str]:
+        """Hold ``blob`` for ``peer`` while the block runs; yields its sha256 in hex."""
+        digest = await self.hold(blob, peer, sha256=sha256)
+        try:
+            yield digest
+        finally:
+            self.release(digest, peer)

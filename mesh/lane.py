@@ -122,6 +122,7 @@ __all__ = [
     "make_context",
     "make_credentials",
     "open_lane",
+    "lane_listen_host",
     "verify_lane_cert",
 ]
 
@@ -729,13 +730,23 @@ class Lane:
         await self._changed.wait()
 
     # -- offering ---------------------------------------------------------------------------------------------------
-    async def offer(self, blob, *, to: Iterable[str] | None = None) -> str:
+    async def offer(self, blob, *, to: Iterable[str] | None = None, sha256: str | bytes | None = None) -> str:
         """Serve ``blob`` (bytes-like, kept by reference: do not change it while offered) to the peers ``to`` (any peer
-        when ``None``) and return its sha256 in hex. Hashing a large blob runs in a thread (a checkpoint)."""
+        when ``None``) and return its sha256 in hex. Hashing a large blob runs in a thread (a checkpoint); a caller
+        that has just hashed it may pass ``sha256`` (a wrong one only makes fetchers fail: they check the bytes).
+        Offering a blob again replaces the earlier offer (and its ``to``)."""
         view = _byte_view(blob)
-        digest = await trio.to_thread.run_sync(_sha256, view) if view.nbytes > 1 << 20 else _sha256(view)
-        self._offers[digest] = _Offer(view, digest, frozenset(to) if to is not None else None)
+        if sha256 is not None:
+            digest = _digest(sha256)
+        else:
+            digest = await trio.to_thread.run_sync(_sha256, view) if view.nbytes > 1 << 20 else _sha256(view)
+        self.offer_hashed(view, digest, to=to)
         return digest.hex()
+
+    def offer_hashed(self, blob, sha256: str | bytes, *, to: Iterable[str] | None = None) -> None:
+        """:meth:`offer` of a blob whose sha256 the caller knows (no hashing, no checkpoint)."""
+        digest = _digest(sha256)
+        self._offers[digest] = _Offer(_byte_view(blob), digest, frozenset(to) if to is not None else None)
 
     def withdraw(self, sha256: str | bytes) -> bool:
         """Stop serving a blob (transfers already running finish). Returns whether it was offered."""
@@ -1133,6 +1144,17 @@ class Lane:
         while True:
             await trio.sleep(max(self.config.ticket_ttl / 2, 0.05))
             self._sweep()
+
+
+
+def lane_listen_host(listen: Iterable[str]) -> str:
+    """Where a node's lane listens: the IPv4 host of its first TCP listen multiaddr (a node that serves a LAN serves its
+    lane there too), else loopback."""
+    for addr in listen:
+        parts = addr.split("/")
+        if len(parts) >= 5 and parts[1] == "ip4" and parts[3] == "tcp":
+            return parts[2]
+    return "127.0.0.1"
 
 
 @asynccontextmanager

@@ -48,6 +48,8 @@ class ErrorCode:
     JOB_FAILED = "job_failed"
     BUSY = "busy"
     BUDGET_EXCEEDED = "budget_exceeded"
+    TOO_LARGE = "too_large"  # a blob referred to is larger than the node takes
+    UNAVAILABLE = "unavailable"  # something the request refers to could not be fetched from its sender
     INTERNAL = "internal"
 
 

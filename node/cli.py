@@ -442,7 +442,15 @@ def peers(ctx: click.Context, timeout: float, bootstrap: tuple[str, ...], mdns: 
         click.echo(f"index: {'on' if index.get('role') else 'off'}, {index.get('adverts', 0)} adverts, "
                    f"digest {str(index.get('digest', ''))[:16]}"
                    + (f"; dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))}" if dropped else ""))
-
+    lane = info.get("lane")
+    if lane:
+        stats = lane.get("stats", {})
+        ways = (f"{stats.get('lane_served', 0)} served and {stats.get('lane_fetched', 0)} fetched on the lane, "
+                f"{stats.get('stream_served', 0)} and {stats.get('stream_fetched', 0)} on libp2p streams")
+        fallbacks = stats.get("fallbacks", 0)
+        click.echo((f"bulk lane: on, port {lane.get('port')}" if lane.get("enabled") else
+                    "bulk lane: off (large blobs go over libp2p streams)") + f"; {ways}"
+                   + (f"; {fallbacks} fell back to a stream (see the log)" if fallbacks else ""))
 
 
 @cli.command()
@@ -1125,8 +1133,10 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
               help="A node to federate over (/ip4/HOST/tcp/PORT/p2p/PEER_ID); repeatable. Default: every node whose "
                    "advert has --tag, found on the mesh as `hivecell search` finds them.")
 @click.option("--tag", default="digits", show_default=True, help="Train on each node's first dataset with this tag.")
-@click.option("--model", type=click.Choice(["fed-digits-cnn", "digits-cnn"]), default="fed-digits-cnn",
-              show_default=True, help="A model from the built-in zoo (from Python, any exportable model).")
+@click.option("--model", type=click.Choice(["fed-digits-cnn", "digits-cnn", "wide-digits-cnn"]),
+              default="fed-digits-cnn", show_default=True,
+              help="A model from the built-in zoo (from Python, any exportable model); wide-digits-cnn has 25 MB of "
+                   "weights, to see transfers.")
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--min-nodes", type=click.IntRange(1, 10_000), default=2, show_default=True,
               help="Updates a round needs to be applied.")

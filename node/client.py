@@ -30,11 +30,13 @@ from hivecell.crypto.canonical import CanonicalError, strict_unpackb
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, seal
 from hivecell.crypto.signoff import SignOff, SignoffRejected, verify_signoff
+from hivecell.mesh.blob import SharedOffers, fetch_blob
 from hivecell.mesh.dht import MeshDht
 from hivecell.mesh.discovery import Discovery
 from hivecell.mesh.gossip import INDEX_PROTOCOL, GossipConfig, GossipIndex, IndexHits, IndexSearch, open_gossip
 from hivecell.mesh.host import MeshHost, PeerUnreachable, RemoteError, open_host
 from hivecell.mesh.index import AdvertIndex
+from hivecell.mesh.lane import Lane, LaneConfig, LaneError, lane_listen_host, open_lane
 from hivecell.mesh.mdns import resolve_interfaces
 from hivecell.mesh.message import ErrorCode, RemoteProtocolError
 
@@ -49,6 +51,17 @@ __all__ = ["Client", "BlockingClient", "JobResult", "JobFailed", "ResultRejected
 
 logger = logging.getLogger(__name__)
 JOB_REQUEST_TTL_S = 300
+LANE_THRESHOLD = 1 << 20  # weights above this many bytes go by reference, pulled by the node over the bulk lane
+RESULT_PULL_S = 300.0  # pulling a result by reference from a node may take this long
+
+
+@asynccontextmanager
+async def _maybe_lane(host: MeshHost, enabled: bool, listen: Sequence[str]) -> AsyncIterator[Lane | None]:
+    if not enabled:
+        yield None
+        return
+    async with open_lane(host, LaneConfig(listen_host=lane_listen_host(listen))) as lane:
+        yield lane
 
 
 class JobFailed(Exception):
@@ -110,9 +123,13 @@ class Client:
     """
 
     def __init__(self, host: MeshHost, node: str, address: str, *, discovery: Discovery | None = None,
-                 gossip: GossipIndex | None = None, dht: MeshDht | None = None) -> None:
+                 gossip: GossipIndex | None = None, dht: MeshDht | None = None, offers: SharedOffers | None = None,
+                 lane_threshold: int = LANE_THRESHOLD) -> None:
         self.host, self.node, self.address = host, node, address
         self.discovery, self.gossip, self.dht = discovery, gossip, dht
+        # the bulk lane (hivecell.mesh.lane): weights above lane_threshold are offered on it and pulled by the node,
+        # and results above the node's threshold are pulled from the node's; None: everything inline
+        self.offers, self.lane_threshold = offers, lane_threshold
         self._datasets: dict[str, DatasetInfo] = {}
         self._plans: dict[str, tuple[str, str]] = {}  # job id -> (dataset, plan hash)
 
@@ -120,17 +137,20 @@ class Client:
     @asynccontextmanager
     async def join(cls, *, identity: Identity | None = None, bootstrap: Sequence[str] = (), mdns: bool = True,
                    mdns_interfaces: Sequence[str] | None = None, index: bool = False, dht: bool = True,
-                   listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> AsyncIterator[Client]:
+                   listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), lane: bool = True) -> AsyncIterator[Client]:
         """Join the mesh with no node in mind: browse mDNS on ``mdns_interfaces`` (default: every non-loopback
         interface; nothing is announced) and dial ``bootstrap`` addresses. With ``index``, keep an index of adverts
         in this process too (it fills by anti-entropy from the peers found, and :meth:`search` also reads it). With
         ``dht``, a search by tag also asks the DHT which nodes provide the tag (for datasets no index peer reaches).
+        With ``lane``, large weights and results travel on a bulk lane (TLS 1.3 bound to the peer ids) listening on
+        the host of the first ``listen`` address; a node that cannot reach it pulls over the libp2p stream instead.
 
         Raises:
             MdnsError: an interface name that does not exist here.
         """
         ips = resolve_interfaces(list(mdns_interfaces) if mdns_interfaces is not None else None) if mdns else []
-        async with open_host(identity or Identity.generate(), list(listen)) as host:
+        async with open_host(identity or Identity.generate(), list(listen)) as host, \
+                _maybe_lane(host, lane, listen) as bulk:
             async with trio.open_nursery() as nursery:
                 discovery = Discovery(host, mdns_ips=ips, announce=False, bootstrap=list(bootstrap))
                 await nursery.start(discovery.serve)
@@ -138,7 +158,8 @@ class Client:
                 mesh_dht = MeshDht(host, server=False) if dht else None
                 if mesh_dht is not None:
                     await nursery.start(mesh_dht.serve)
-                yield cls(host, "", "", discovery=discovery, gossip=gossip, dht=mesh_dht)
+                yield cls(host, "", "", discovery=discovery, gossip=gossip, dht=mesh_dht,
+                          offers=SharedOffers(bulk) if bulk is not None else None)
                 nursery.cancel_scope.cancel()
 
     def to(self, node: str | DatasetInfo) -> Client:
@@ -146,7 +167,7 @@ class Client:
         info = node if isinstance(node, DatasetInfo) else None
         peer = info.node if info is not None else str(node)
         client = Client(self.host, peer, info.address if info is not None else "", discovery=self.discovery,
-                        gossip=self.gossip, dht=self.dht)
+                        gossip=self.gossip, dht=self.dht, offers=self.offers, lane_threshold=self.lane_threshold)
         if info is not None:
             client._datasets[info.name] = info
         return client
@@ -261,16 +282,19 @@ class Client:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, address: str, *, identity: Identity | None = None) -> AsyncIterator[Client]:
-        """Join the mesh with ``identity`` (default: a fresh ephemeral one) and dial the node at ``address``.
+    async def connect(cls, address: str, *, identity: Identity | None = None, lane: bool = True
+                      ) -> AsyncIterator[Client]:
+        """Join the mesh with ``identity`` (default: a fresh ephemeral one) and dial the node at ``address``; with
+        ``lane``, large weights and results travel on a bulk lane (see :meth:`join`).
 
         Raises:
             ValueError: ``address`` is not a ``/ip4/.../tcp/.../p2p/<peer id>`` multiaddr.
             PeerUnreachable: the node cannot be reached.
         """
-        async with open_host(identity or Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+        listen = ["/ip4/127.0.0.1/tcp/0"]
+        async with open_host(identity or Identity.generate(), listen) as host, _maybe_lane(host, lane, listen) as bulk:
             node = await host.connect(address)
-            yield cls(host, node, address)
+            yield cls(host, node, address, offers=SharedOffers(bulk) if bulk is not None else None)
 
     @property
     def peer_id(self) -> str:
@@ -294,12 +318,38 @@ class Client:
         self._datasets = {d.name: d for d in out}
         return out
 
-    def _request(self, dataset: str, plan: Any, wait_s: float = 0.0) -> tuple[str, SubmitJob]:
+    @asynccontextmanager
+    async def _request(self, dataset: str, plan: Any, wait_s: float = 0.0) -> AsyncIterator[tuple[str, SubmitJob]]:
+        """A signed job request for ``plan``; weights above ``lane_threshold`` go by reference and stay offered to the
+        node (on the lane) while the block runs: the node pulls them before it accepts the job."""
         job_id = uuid.uuid4().hex
         request = seal(self.host.identity, JOB_DOMAIN, {
             "job_id": job_id, "node": self.node, "dataset": dataset, "plan_hash": plan.hash, "recipe": plan.recipe,
         }, ttl=JOB_REQUEST_TTL_S, with_nonce=True)
-        return job_id, SubmitJob(request=request, program=plan.program, weights=plan.weights, wait_s=wait_s)
+        lane = self.offers is not None
+        if not lane or len(plan.weights) <= self.lane_threshold:
+            yield job_id, SubmitJob(request=request, program=plan.program, weights=plan.weights, wait_s=wait_s,
+                                    lane=lane)
+            return
+        assert self.offers is not None
+        async with self.offers.holding(plan.weights, self.node, sha256=plan.weights_sha256) as ref:
+            yield job_id, SubmitJob(request=request, program=plan.program, weights=b"", weights_ref=ref,
+                                    weights_size=len(plan.weights), wait_s=wait_s, lane=True)
+
+    async def _result_bytes(self, reply: JobResultMsg) -> bytes:
+        """The result's bytes: inline, or pulled from the node's lane by reference (checked against the reference;
+        the sign-off check that follows binds them to the job)."""
+        if not reply.result_ref:
+            return reply.result
+        if self.offers is None:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node sent a result by reference to a client without a lane")
+        try:
+            blob = await fetch_blob(self.offers.lane, self.node, reply.result_ref, timeout=RESULT_PULL_S)
+        except LaneError as exc:
+            raise PeerUnreachable(f"could not pull the result of job {reply.job_id} from the node: {exc}") from exc
+        if len(blob) != reply.result_size:
+            raise ResultRejected(f"result of job {reply.job_id} refused: its size is not the one announced")
+        return bytes(blob)
 
     def _accepted(self, job_id: str, reply: object, dataset: str, plan: Any) -> None:
         if not isinstance(reply, JobAccepted):
@@ -315,8 +365,9 @@ class Client:
             RemoteError: the node refused the job (``.code`` says why: unknown_dataset, bad_recipe, bad_plan, ...).
         """
         await self._ensure_connected()
-        job_id, message = self._request(dataset, plan)
-        reply = await self.host.request(self.node, JOB_PROTOCOL, message, expect=JobAccepted, timeout=120.0)
+        async with self._request(dataset, plan) as (job_id, message):
+            reply = await self.host.request(self.node, JOB_PROTOCOL, message, expect=JobAccepted,
+                                            timeout=_submit_timeout(message))
         self._accepted(job_id, reply, dataset, plan)
         return job_id
 
@@ -332,9 +383,9 @@ class Client:
             ResultRejected: the result's sign-off does not verify.
         """
         await self._ensure_connected()
-        job_id, message = self._request(dataset, plan, wait_s=wait_s)
-        async with self.host.conversation(self.node, JOB_PROTOCOL, message) as replies:
-            self._accepted(job_id, await replies.receive(timeout=120.0), dataset, plan)
+        async with self._request(dataset, plan, wait_s=wait_s) as (job_id, message), \
+                self.host.conversation(self.node, JOB_PROTOCOL, message) as replies:
+            self._accepted(job_id, await replies.receive(timeout=_submit_timeout(message)), dataset, plan)
             try:
                 reply = await replies.receive(timeout=min(wait_s, MAX_WATCH_S) + 120.0)
             except RemoteError as exc:
@@ -355,7 +406,12 @@ class Client:
             raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered about another job")
         if dataset not in self._datasets:
             await self.datasets()  # the owner to check the sign-off against comes from the signed advert
-        return job_id, replace(self.verify(job_id, reply.result, reply.signoff), timings=dict(reply.timings))
+        try:
+            result = await self._result_bytes(reply)
+        except PeerUnreachable:  # the job is released on the node: FetchResult can get it again
+            logger.warning("job %s: pulling its result failed; fetch it with result()", job_id)
+            return job_id, None
+        return job_id, replace(self.verify(job_id, result, reply.signoff), timings=dict(reply.timings))
 
     async def status(self, job_id: str, *, since: int = 0, wait_s: float = 0.0, until_done: bool = False
                      ) -> JobStatus:
@@ -403,13 +459,17 @@ class Client:
                 ``withheld``; ``job_failed``).
             ResultRejected: the sign-off does not verify; the result is discarded.
         """
-        reply = await self.host.request(self.node, JOB_PROTOCOL, FetchResult(job_id=job_id, wait_s=wait_s),
+        reply = await self.host.request(self.node, JOB_PROTOCOL,
+                                        FetchResult(job_id=job_id, wait_s=wait_s, lane=self.offers is not None),
                                         expect=JobResultMsg, timeout=min(wait_s, MAX_WATCH_S) + 120.0)
+        if reply.job_id != job_id:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the node answered about another job")
         if job_id not in self._plans and dataset is not None and plan_hash is not None:
             self._plans[job_id] = (dataset, plan_hash)
         if job_id in self._plans and self._plans[job_id][0] not in self._datasets:
             await self.datasets()  # the owner to check the sign-off against comes from the signed advert
-        return replace(self.verify(job_id, reply.result, reply.signoff), timings=dict(reply.timings))
+        result = await self._result_bytes(reply)
+        return replace(self.verify(job_id, result, reply.signoff), timings=dict(reply.timings))
 
     def verify(self, job_id: str, result: bytes, signoff: bytes) -> JobResult:
         """Check a result against its sign-off and what this client asked; return it decoded.
@@ -458,6 +518,12 @@ class Client:
         if status.state != JobState.RELEASED.value:
             raise JobFailed(job_id, status.state, status.reason)
         return await self.result(job_id)
+
+
+def _submit_timeout(message: SubmitJob) -> float:
+    """How long a node may take to accept a job: longer when it first pulls the weights (at 20 MB/s, the libp2p
+    stream's pace on a slow box)."""
+    return 120.0 + (message.weights_size / 20e6 if message.weights_ref else 0.0)
 
 
 class BlockingClient:

@@ -130,6 +130,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(key="advert_ttl", kind=float, default=3600.0, lo=60, hi=7 * 24 * 3600, field="advert_ttl",
            help="Lifetime of this node's dataset adverts, seconds; they are re-published every third of it, and a "
                 "node that disappears drops out of searches once they expire."),
+    Option(key="lane", kind=bool, default=True, field="lane",
+           help="Serve a bulk lane (TLS 1.3 bound to the peer ids) for large weights and results; off: they go over "
+                "libp2p streams, several times slower."),
+    Option(key="lane_port", kind=int, default=0, lo=0, hi=65535, field="lane_port",
+           help="TCP port of the bulk lane, on the host of the first listen address. Default 0: any free port."),
+    Option(key="lane_threshold", kind=int, default=1 << 20, lo=0, hi=1 << 31, field="lane_threshold",
+           help="Results larger than this many bytes go by reference over the bulk lane to a scientist that has "
+                "one."),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 

@@ -12,7 +12,8 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -20,12 +21,14 @@ import trio
 
 from hivecell.crypto.identity import Identity
 from hivecell.crypto.record import InvalidRecord, open_record
+from hivecell.mesh.blob import BlobCache, SharedOffers, fetch_blob
 from hivecell.mesh.errors import leaves
 from hivecell.mesh.dht import MeshDht
 from hivecell.mesh.discovery import Discovery
 from hivecell.mesh.gossip import GossipConfig, open_gossip
 from hivecell.mesh.host import RemoteError, Reply, open_host, short
 from hivecell.mesh.index import AdvertIndex
+from hivecell.mesh.lane import BlobTooLarge, BlobUnavailable, Lane, LaneConfig, LaneError, lane_listen_host, open_lane
 from hivecell.mesh.mdns import announce_addrs, resolve_interfaces
 from hivecell.mesh.message import ErrorCode, Message
 
@@ -40,7 +43,7 @@ from .ledger import LedgerError
 from .release import complete_job, fail_entry, plan_blobs, reserve_entry
 from .store import QueueFull, Store, StoreError, sha256_hex
 from .wire import (
-    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
+    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_BLOB_REF_BYTES, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
     ListDatasets, SubmitJob, WatchJob,
 )
 from .workerpool import WorkerFailed, WorkerJob, WorkerLimits, open_worker_pool
@@ -49,6 +52,9 @@ __all__ = ["DaemonConfig", "Daemon", "serve_daemon", "recover_jobs", "JOB_REQUES
 
 logger = logging.getLogger(__name__)
 
+LANE_THRESHOLD = 1 << 20  # weights and results above this many bytes go over the bulk lane, when the peer has one
+RESULT_OFFER_S = 120.0  # a result sent by reference stays offered this long for the scientist to pull
+WEIGHTS_FETCH_S = 300.0  # pulling a plan's weights from the scientist may take this long
 JOB_REQUEST_MAX_TTL_S = 600  # a signed job request is good for at most 10 minutes; its nonce is kept at least that long
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -70,6 +76,9 @@ class DaemonConfig:
     bootstrap: list[str] = field(default_factory=list)  # peers to dial at start (and again while not connected)
     index: bool = True  # keep the gossip index and answer searches
     advert_ttl: float = ADVERT_TTL_S
+    lane: bool = True  # a TLS listener for bulk transfers (off: blobs by reference go over libp2p streams)
+    lane_port: int = 0  # its TCP port (0: any free one)
+    lane_threshold: int = LANE_THRESHOLD  # results above this go by reference to a scientist that pulls blobs
 
 
 def _status(job: dict[str, Any]) -> JobStatus:
@@ -85,8 +94,13 @@ def _status(job: dict[str, Any]) -> JobStatus:
 
 
 class Daemon:
-    def __init__(self, *, identity: Identity, store: Store, pool: Any, config: DaemonConfig) -> None:
+    def __init__(self, *, identity: Identity, store: Store, pool: Any, config: DaemonConfig,
+                 lane: Lane | None = None, offers: SharedOffers | None = None) -> None:
         self.identity, self.store, self.pool, self.config = identity, store, pool, config
+        self.lane, self.offers = lane, offers
+        # weights pulled for jobs refused after the pull (busy, budget), so that a retry is not sent them again
+        self.pulled = BlobCache(max_bytes=256 << 20)
+        self.stats: Counter[str] = Counter()  # weights_pulled, weights_deduplicated, results_by_reference
         self._changed = trio.Event()
         self._work = trio.Event()
 
@@ -110,11 +124,12 @@ class Daemon:
             job = await self._submit(peer, message)
             await reply.send(JobAccepted(job_id=job["id"], state=job["state"]))
             if message.wait_s > 0:  # the same stream carries the result (or why there is none yet)
-                await reply.send(await self._fetch(peer, FetchResult(job_id=job["id"], wait_s=message.wait_s)))
+                await reply.send(await self._fetch(peer, FetchResult(job_id=job["id"], wait_s=message.wait_s),
+                                                   message.lane))
         elif isinstance(message, WatchJob):
             await reply.send(_status(await self._watch(peer, message)))
         elif isinstance(message, FetchResult):
-            await reply.send(await self._fetch(peer, message))
+            await reply.send(await self._fetch(peer, message, message.lane))
         else:
             raise RemoteError(ErrorCode.BAD_MESSAGE, "not a request")
 
@@ -144,6 +159,8 @@ class Daemon:
             raise RemoteError(ErrorCode.UNKNOWN_DATASET, "not a dataset name") from None
         if node != self.identity.peer_id:
             raise RemoteError(ErrorCode.WRONG_NODE, "this job request is addressed to another node")
+        if msg.weights_ref:
+            msg = await self._pull_weights(peer, msg, request.nonce)
         # Everything below touches the store or hashes the plan: one trip to a thread, not one per step (each costs
         # the event loop a wake-up; a FedAvg round on a small model is mostly such costs).
         job = await trio.to_thread.run_sync(lambda: self._accept(peer, request, msg, job_id, dataset_name, p_hash,
@@ -152,6 +169,45 @@ class Daemon:
         self._work.set()
         self._notify()
         return job
+
+    async def _pull_weights(self, peer: str, msg: SubmitJob, nonce: Any) -> SubmitJob:
+        """The request with its weights inline: from this node's store or cache when it has the blob already (a plan
+        sent again, a model shared by several jobs), else pulled from the sender's lane (or libp2p stream). The bytes
+        are checked against the reference here and against the signed plan_hash in :meth:`_accept`."""
+        ref = msg.weights_ref
+        if self.lane is None:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "this node takes weights inline only")
+        limit = min(self.lane.config.max_blob, self.config.worker_memory_mb << 20)
+        if msg.weights_size > limit:
+            raise RemoteError(ErrorCode.TOO_LARGE, f"weights of {msg.weights_size} bytes; this node takes at most "
+                                                   f"{limit}")
+        seen, queued, held = await trio.to_thread.run_sync(lambda: (
+            self.store.nonce_seen(nonce), self.store.count_jobs(peer), self.store.get_blob(ref)))
+        if seen:  # checked again in _accept, in the transaction; here so that a replay costs no transfer
+            raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
+        if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
+            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
+        if held is None:
+            cached = self.pulled.get(ref)
+            held = bytes(cached) if cached is not None else None
+        if held is None:
+            try:
+                blob = await fetch_blob(self.lane, peer, ref, cache=self.pulled, timeout=WEIGHTS_FETCH_S)
+            except BlobTooLarge:
+                raise RemoteError(ErrorCode.TOO_LARGE, "the weights are larger than announced or allowed") from None
+            except BlobUnavailable:
+                raise RemoteError(ErrorCode.BAD_MESSAGE, "the weights referred to are not offered to this node"
+                                  ) from None
+            except LaneError as exc:
+                logger.info("pulling weights %s from %s failed: %s", ref[:12], short(peer), exc)
+                raise RemoteError(ErrorCode.UNAVAILABLE, f"could not pull the weights: {exc}") from None
+            held = bytes(blob)
+            self.stats["weights_pulled"] += 1
+        else:
+            self.stats["weights_deduplicated"] += 1
+        if len(held) != msg.weights_size:
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "the weights' size is not the one announced")
+        return replace(msg, weights=held, weights_ref="", weights_size=0)
 
     def _accept(self, peer: str, request: Any, msg: SubmitJob, job_id: str, dataset_name: str, p_hash: str,
                 recipe: Any) -> dict[str, Any]:
@@ -230,7 +286,7 @@ class Daemon:
             await self._changed.wait()
         return await self._own_job(peer, job_id)
 
-    async def _fetch(self, peer: str, msg: FetchResult) -> JobResultMsg:
+    async def _fetch(self, peer: str, msg: FetchResult, wants_lane: bool = False) -> JobResultMsg:
         job = await self._wait_done(peer, msg.job_id, msg.wait_s)
         state = job["state"]
         if state == jobsm.JobState.WITHHELD.value:
@@ -244,6 +300,12 @@ class Daemon:
         result = await trio.to_thread.run_sync(self.store.get_blob, job["result_hash"])
         if result is None:
             raise RemoteError(ErrorCode.INTERNAL, "the result is missing")
+        if wants_lane and self.offers is not None and len(result) > self.config.lane_threshold:
+            ref = await self.offers.hold(result, peer, sha256=job["result_hash"])
+            self.offers.release_later(ref, peer, RESULT_OFFER_S)
+            self.stats["results_by_reference"] += 1
+            return JobResultMsg(job_id=job["id"], result=b"", signoff=job["signoff"], timings=job.get("timings", {}),
+                                result_ref=ref, result_size=len(result))
         return JobResultMsg(job_id=job["id"], result=result, signoff=job["signoff"], timings=job.get("timings", {}))
 
     # -- running jobs ----------------------------------------------------------------------------------------------
@@ -365,32 +427,35 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
             logger.warning("mDNS: no interface with an IPv4 address besides loopback; LAN discovery is off")
         index = AdvertIndex()
         loaded = await trio.to_thread.run_sync(load_index, store, index)
-        async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host:
-            daemon = Daemon(identity=identity, store=store, pool=pool, config=config)
+        lane_config = LaneConfig(listen_host=lane_listen_host(config.listen), port=config.lane_port, lane=config.lane,
+                                 max_blob=min(MAX_BLOB_REF_BYTES, config.worker_memory_mb << 20))
+        async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host, \
+                open_lane(host, lane_config) as lane, trio.open_nursery() as nursery:
+            daemon = Daemon(identity=identity, store=store, pool=pool, config=config, lane=lane,
+                            offers=SharedOffers(lane, nursery))
             host.serve(DATASET_PROTOCOL, daemon.handle_dataset)
             host.serve(JOB_PROTOCOL, daemon.handle_job)
             addrs = host.addrs()
-            async with trio.open_nursery() as nursery:
-                gossip = await open_gossip(host, index, GossipConfig(index=config.index), nursery)
-                dht = MeshDht(host, server=True)
-                await nursery.start(dht.serve)
-                discovery = Discovery(host, mdns_ips=mdns_ips, bootstrap=config.bootstrap)
-                await nursery.start(discovery.serve)
-                advertiser = Advertiser(identity=identity, store=store, gossip=gossip,
-                                        addrs=advert_addrs(addrs, mdns_ips), ttl=config.advert_ttl, dht=dht)
-                await nursery.start(advertiser.serve)
-                nursery.start_soon(_write_peers, home, discovery, gossip)
-                home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})
-                logger.info("node %s listening on %s; index %s with %d adverts", identity.peer_id, ", ".join(addrs),
-                            "on" if config.index else "off", loaded)
-                task_status.started(addrs)
-                try:
-                    for _ in range(config.max_concurrent_jobs):
-                        nursery.start_soon(daemon.run_jobs)
-                    await trio.sleep_forever()
-                finally:
-                    home.clear_daemon_info()
-                    home.peers_file.unlink(missing_ok=True)
+            gossip = await open_gossip(host, index, GossipConfig(index=config.index), nursery)
+            dht = MeshDht(host, server=True)
+            await nursery.start(dht.serve)
+            discovery = Discovery(host, mdns_ips=mdns_ips, bootstrap=config.bootstrap)
+            await nursery.start(discovery.serve)
+            advertiser = Advertiser(identity=identity, store=store, gossip=gossip,
+                                    addrs=advert_addrs(addrs, mdns_ips), ttl=config.advert_ttl, dht=dht)
+            await nursery.start(advertiser.serve)
+            nursery.start_soon(_write_peers, home, discovery, gossip, daemon)
+            home.write_daemon_info({"peer_id": identity.peer_id, "addrs": addrs})
+            logger.info("node %s listening on %s; index %s with %d adverts", identity.peer_id, ", ".join(addrs),
+                        "on" if config.index else "off", loaded)
+            task_status.started(addrs)
+            try:
+                for _ in range(config.max_concurrent_jobs):
+                    nursery.start_soon(daemon.run_jobs)
+                await trio.sleep_forever()
+            finally:
+                home.clear_daemon_info()
+                home.peers_file.unlink(missing_ok=True)
     finally:
         store.close()
 
@@ -403,14 +468,15 @@ def advert_addrs(listen: list[str], mdns_ips: list[str]) -> list[str]:
     return out or [a for a in listen if "/ip4/0.0.0.0/" not in a]
 
 
-async def _write_peers(home: Home, discovery: Discovery, gossip) -> None:
+async def _write_peers(home: Home, discovery: Discovery, gossip, daemon: Daemon) -> None:
     """Keep ``peers.json`` current for ``hivecell peers`` (a file: the CLI need not speak to the daemon)."""
     last = None
     while True:
         info = {"peer_id": discovery.host.peer_id, "peers": discovery.snapshot(),
                 "index": {"role": gossip.config.index, "adverts": len(gossip.index), "digest": gossip.index.digest(),
-                          "counters": dict(gossip.index.counters), "messages": dict(gossip.messages)}}
-        view = (info["peers"], info["index"]["digest"], info["index"]["counters"])
+                          "counters": dict(gossip.index.counters), "messages": dict(gossip.messages)},
+                "lane": lane_summary(daemon)}
+        view = (info["peers"], info["index"]["digest"], info["index"]["counters"], info["lane"])
         if view != last:
             try:
                 await trio.to_thread.run_sync(home.write_peers, info)
@@ -418,3 +484,12 @@ async def _write_peers(home: Home, discovery: Discovery, gossip) -> None:
             except OSError as exc:
                 logger.warning("cannot write %s: %s", home.peers_file, exc)
         await trio.sleep(1.0)
+
+
+def lane_summary(daemon: Daemon) -> dict[str, Any]:
+    """The bulk lane's state for ``peers.json``: its port, transfers by way (lane or libp2p stream), fallbacks."""
+    lane = daemon.lane
+    if lane is None:
+        return {"enabled": False}
+    return {"enabled": lane.config.lane, "port": lane.port, "offered": len(lane.offered()),
+            "stats": dict(lane.stats) | dict(daemon.stats)}

@@ -42,9 +42,10 @@ import trio
 
 from hivecell.crypto.identity import Identity
 from hivecell.mesh.message import ErrorCode
+from hivecell.mesh.blob import SharedOffers
 from hivecell.mesh.host import PeerUnreachable, RemoteError, open_host
 
-from .client import Client, JobFailed, ResultRejected
+from .client import LANE_THRESHOLD, Client, JobFailed, ResultRejected, _maybe_lane
 from .dataset import DatasetInfo
 from .job import JobState
 from .plan import Plan, validate_recipe
@@ -79,6 +80,10 @@ class FederationConfig:
     max_update_norm: float | None = None  # refuse updates that move the weights further than this (L2)
     tag: str | None = None  # train on each node's first dataset with this tag (None: the first that fits)
     seed: int = 0
+    # weights and updates above lane_threshold bytes travel on the bulk lane (TLS 1.3 bound to the peer ids, see
+    # hivecell.mesh.lane), pulled by whoever needs them; lane=False sends everything inline on libp2p streams
+    lane: bool = True
+    lane_threshold: int = LANE_THRESHOLD
 
     def __post_init__(self) -> None:
         if not 1 <= self.rounds <= 10_000:
@@ -146,7 +151,8 @@ def _fits(info: DatasetInfo, recipe: dict[str, Any], tag: str | None) -> bool:
     return (tag is None or tag in info.tags) and info.schema.get("task") == recipe.get("task", "classification")
 
 
-async def _join(host: Any, addresses: Sequence[str], recipe: dict[str, Any], tag: str | None) -> list[_Node]:
+async def _join(host: Any, addresses: Sequence[str], recipe: dict[str, Any], tag: str | None,
+                offers: SharedOffers | None = None, lane_threshold: int = LANE_THRESHOLD) -> list[_Node]:
     """Connect to every address and pick its dataset; nodes that cannot be reached or have none are left out."""
     nodes: list[_Node] = []
 
@@ -154,7 +160,7 @@ async def _join(host: Any, addresses: Sequence[str], recipe: dict[str, Any], tag
         try:
             with trio.fail_after(30):
                 peer = await host.connect(address)
-                client = Client(host, peer, address)
+                client = Client(host, peer, address, offers=offers, lane_threshold=lane_threshold)
                 infos = await client.datasets()
         except (PeerUnreachable, RemoteError, trio.TooSlowError, ValueError) as exc:
             logger.warning("federation: leaving out %s: %s", address, exc)
@@ -321,8 +327,11 @@ async def federate(
     if mu:  # FedProx: the proximal term lives in each node's local training
         base = validate_recipe(dict(base, prox_mu=mu)).to_dict()
 
-    async with open_host(identity or Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
-        nodes = await _join(host, addresses, base, config.tag)
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    async with open_host(identity or Identity.generate(), listen) as host, \
+            _maybe_lane(host, config.lane, listen) as lane:
+        offers = SharedOffers(lane) if lane is not None else None
+        nodes = await _join(host, addresses, base, config.tag, offers, config.lane_threshold)
         if len(nodes) < config.min_nodes:
             raise FederationFailed(f"{len(nodes)} usable nodes, the federation needs at least {config.min_nodes}",
                                    history)

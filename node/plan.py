@@ -42,6 +42,7 @@ What the program audit enforces (each rule names the deserializer path it closes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -794,9 +795,15 @@ class Plan:
     weights: bytes
     recipe: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
+
+    @functools.cached_property
     def hash(self) -> str:
-        return plan_hash(self.program, self.weights, self.recipe)
+        """As :func:`plan_hash` (computed once: a FedAvg round sends one plan to many nodes)."""
+        body = [hashlib.sha256(self.program).hexdigest(), self.weights_sha256, self.recipe]
+        return hashlib.sha256(canonical_packb(body)).hexdigest()
 
 
 # -- client side (torch) ----------------------------------------------------------------------------------------------

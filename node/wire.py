@@ -12,10 +12,11 @@ from hivecell.mesh.message import Message, Protocol
 
 __all__ = [
     "DATASET_PROTOCOL", "JOB_PROTOCOL", "ListDatasets", "DatasetList", "SubmitJob", "JobAccepted", "WatchJob",
-    "JobStatus", "FetchResult", "JobResultMsg", "MAX_SUBMIT_BYTES", "MAX_WATCH_S", "JOB_DOMAIN",
+    "JobStatus", "FetchResult", "JobResultMsg", "MAX_SUBMIT_BYTES", "MAX_BLOB_REF_BYTES", "MAX_WATCH_S", "JOB_DOMAIN",
 ]
 
-MAX_SUBMIT_BYTES = 256 << 20  # a plan (program + weights); larger models wait for the blob transfer lane
+MAX_SUBMIT_BYTES = 256 << 20  # a plan (program + weights) sent inline; larger weights go by reference (lane)
+MAX_BLOB_REF_BYTES = 2 << 30  # the largest blob a message may refer to (each node caps what it fetches lower)
 MAX_CONTROL_BYTES = 4 << 20
 MAX_WATCH_S = 30.0
 JOB_DOMAIN = "job"  # signed-record domain of job requests
@@ -41,6 +42,14 @@ class SubmitJob(Message):
     # > 0: after JobAccepted, keep the stream and answer a second time, as FetchResult with this wait_s would (the
     # result, or an error: not_ready, job_failed, withheld): one stream per job for a caller that wants no progress
     wait_s: float = 0.0
+    # weights by reference: ``weights`` is empty and the node pulls the blob with this sha256 (hex) from the sender's
+    # bulk lane (hivecell.mesh.lane); the signed plan_hash covers its sha256 either way
+    weights_ref: str = ""
+    weights_size: int = 0
+    lane: bool = False  # the sender pulls blobs over the lane: a large result may come by reference (result_ref)
+
+    def __post_init__(self) -> None:
+        _check_ref(self.weights_ref, self.weights_size, self.weights)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +84,7 @@ class FetchResult(Message):
     TAG: ClassVar[str] = "get"
     job_id: str
     wait_s: float = 0.0  # wait up to this long (at most MAX_WATCH_S) for the job to end before answering not_ready
+    lane: bool = False  # as SubmitJob.lane
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +94,26 @@ class JobResultMsg(Message):
     result: bytes  # canonical msgpack {"weights": safetensors bytes, "metrics": {...}}; its sha256 is signed
     signoff: bytes  # signed "signoff" record
     timings: dict[str, Any] = field(default_factory=dict)  # the node's job timings (as in JobStatus), unsigned
+    # result by reference: ``result`` is empty; pull the blob with this sha256 (hex) from the node's lane
+    result_ref: str = ""
+    result_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ref(self.result_ref, self.result_size, self.result)
+
+
+def _check_ref(ref: str, size: int, inline: bytes) -> None:
+    """A blob reference is 64 lowercase hex with a size, instead of inline bytes (never both)."""
+    if not ref:
+        if size:
+            raise ValueError("a blob size without a reference")
+        return
+    if len(ref) != 64 or any(c not in "0123456789abcdef" for c in ref):
+        raise ValueError("a blob reference is a sha256 in 64 lowercase hex digits")
+    if not 0 < size <= MAX_BLOB_REF_BYTES:
+        raise ValueError(f"a referenced blob has 1 to {MAX_BLOB_REF_BYTES} bytes")
+    if inline:
+        raise ValueError("a blob goes inline or by reference, not both")
 
 
 DATASET_PROTOCOL = Protocol("/hivecell/dataset/1.0.0", ListDatasets, DatasetList, max_frame=MAX_CONTROL_BYTES)

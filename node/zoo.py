@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "FedDigitsCNN", "MODELS", "digits_example_input"]
+__all__ = ["DigitsCNN", "FedDigitsCNN", "WideDigitsCNN", "MODELS", "digits_example_input"]
 
 
 class DigitsCNN(nn.Module):
@@ -41,7 +41,18 @@ class FedDigitsCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
-MODELS = {"digits-cnn": DigitsCNN, "fed-digits-cnn": FedDigitsCNN}  # the CLI's --model choices
+class WideDigitsCNN(FedDigitsCNN):
+    """:class:`FedDigitsCNN` with a 6144-unit hidden layer: 6.4 M parameters, about 25 MB of float32 weights, so
+    that moving the model (not training it) is what a round costs. For measuring transfers (bench/fedavg_rounds.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64 * 4 * 4, 6144)
+        self.fc2 = nn.Linear(6144, 10)
+
+
+# the CLI's --model choices
+MODELS = {"digits-cnn": DigitsCNN, "fed-digits-cnn": FedDigitsCNN, "wide-digits-cnn": WideDigitsCNN}
 
 
 def digits_example_input(batch: int = 4) -> torch.Tensor:

@@ -53,7 +53,8 @@ def test_names_agree_everywhere():
         assert option.envvar == "HIVECELL_" + option.key.upper()
     assert [o.key for o in OPTIONS] == ["listen", "warm_workers", "max_jobs", "worker_timeout", "worker_memory_mb",
                                         "worker_threads", "max_queued_per_peer", "max_attempts", "mdns",
-                                        "mdns_interfaces", "bootstrap", "index", "advert_ttl"]
+                                        "mdns_interfaces", "bootstrap", "index", "advert_ttl", "lane", "lane_port",
+                                        "lane_threshold"]
 
 
 def test_missing_file_is_an_empty_config(tmp_path):
@@ -168,7 +169,8 @@ def test_config_show_sources(tmp_path):
         "worker_timeout": (3600.0, "default"), "worker_memory_mb": (4096, "default"),
         "worker_threads": (None, "default"), "max_queued_per_peer": (16, "default"),
         "mdns": (False, "env"), "mdns_interfaces": (None, "default"), "bootstrap": ([], "default"),
-        "index": (True, "default"), "advert_ttl": (3600.0, "default"),
+        "index": (True, "default"), "advert_ttl": (3600.0, "default"), "lane": (True, "default"),
+        "lane_port": (0, "default"), "lane_threshold": (1 << 20, "default"),
     }
     assert out["options"]["max_jobs"]["env"] == "HIVECELL_MAX_JOBS" and out["options"]["max_jobs"]["flag"] == \
         "--max-jobs"

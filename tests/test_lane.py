@@ -573,3 +573,39 @@ async def test_blob_cache_is_bounded():
     assert a in cache and c in cache and b not in cache and cache.size == 200
     await cache.add(b"x" * 300)  # larger than the cache: not kept
     assert len(cache) == 2
+
+
+async def test_shared_offers_union_their_peers_and_end_with_the_last_hold():
+    """A round's global model held for several nodes at once is one offer to all of them; each release narrows it to
+    the peers still holding it, and the last one withdraws it."""
+    from hivecell.mesh.blob import SharedOffers
+
+    blob = os.urandom(200_000)
+    other = Identity.generate().peer_id
+    async with pair() as p:
+        offers = SharedOffers(p.hl)
+        sha = await offers.hold(blob, p.fetcher.peer_id)
+        assert sha == __import__("hashlib").sha256(blob).hexdigest()
+        assert await offers.hold(blob, other, sha256=sha) == sha and len(offers) == 1
+        assert await offers.hold(blob, p.fetcher.peer_id, sha256=sha) == sha  # a second hold by the same peer
+        assert await p.fl.fetch(p.holder.peer_id, sha) == blob
+        offers.release(sha, p.fetcher.peer_id)  # one of the fetcher's two holds: still offered to it
+        assert await p.fl.fetch(p.holder.peer_id, sha) == blob
+        offers.release(sha, p.fetcher.peer_id)  # narrowed to `other`: no longer to the fetcher
+        with pytest.raises(BlobUnavailable):
+            await p.fl.fetch(p.holder.peer_id, sha)
+        assert p.hl.offered() == [sha]
+        offers.release(sha, other)
+        offers.release(sha, other)  # a release too many is ignored
+        assert p.hl.offered() == [] and len(offers) == 0
+        async with offers.holding(blob, p.fetcher.peer_id) as held:
+            assert await p.fl.fetch(p.holder.peer_id, held) == blob
+        assert p.hl.offered() == []
+        with pytest.raises(RuntimeError):
+            offers.release_later(sha, other, 1.0)  # no nursery given
+        async with trio.open_nursery() as nursery:
+            timed = SharedOffers(p.hl, nursery)
+            await timed.hold(blob, p.fetcher.peer_id)
+            timed.release_later(sha, p.fetcher.peer_id, 0.2)
+            assert p.hl.offered() == [sha]
+        assert p.hl.offered() == []
