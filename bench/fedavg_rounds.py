@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import signal
@@ -609,7 +610,7 @@ def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[s
     return out
 
 
-def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, Any]:
+def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int, settle: bool = True) -> dict[str, Any]:
     """The bulk lane's effect on a round with a model of about 25 MB (:class:`WideDigitsCNN`): the same N daemons run
     one federation with the lane (weights and updates above 1 MiB pulled over TLS 1.3 bound to the peer ids) and one
     without (``FederationConfig(lane=False)``: everything inline on libp2p streams), alternately, ``rounds`` rounds
@@ -634,12 +635,23 @@ def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, 
     identity = Identity.generate()
     daemons: list[Any] = []
     per_mode: dict[str, list[Any]] = {"lane": [], "stream": []}
+    coordinator_log: list[str] = []  # the coordinator's own retried or fallen-back transfers
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            coordinator_log.append(f"{time.strftime('%H:%M:%S')} {record.getMessage()}"[:300])
+
+    handler = Collect(level=logging.INFO)
+    for name in ("hivecell.mesh.blob", "hivecell.mesh.lane"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         with ThreadPoolExecutor(max_workers=n) as pool:
             daemons.extend(pool.map(lambda h: start_daemon(h, "--warm-workers", str(warm), "--worker-threads", "1"),
                                     homes))
         pids = [d.process.pid for d in daemons]
-        wait_settled(pids, warm=warm)
+        if settle:
+            wait_settled(pids, warm=warm)
         addresses = [d.address for d in daemons]
 
         seeds = iter(range(1, 1_000_000))
@@ -653,7 +665,8 @@ def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, 
             return trio.run(lambda: federate(addresses, round_plan, config=config, identity=identity)).history
 
         one(True, 1)  # warm-up: every node's Worker starts and parks; not counted
-        wait_settled(pids, warm=warm)  # the warm-up's jobs took the spares: let their replacements import torch
+        if settle:  # the warm-up's jobs took the spares: let their replacements import torch
+            wait_settled(pids, warm=warm)
         for i in range(rounds):  # alternate, so that drift on the shared box spreads over both modes
             for mode in (("lane", "stream") if i % 2 == 0 else ("stream", "lane")):
                 record = one(mode == "lane", 1)[0]
@@ -661,6 +674,9 @@ def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, 
                 _log(f"lane effect N={n} {mode}: round {record.seconds:.2f} s, slowest train "
                      f"{record.slowest_train_s:.2f} s, overhead {record.seconds - record.slowest_train_s:.2f} s")
         lane_stats = _lane_counters(homes)
+        # transfers that failed and were retried or fell back, as the nodes logged them
+        lines = [line for d in daemons for line in d.log_tail(2_000_000).splitlines()
+                 if "retrying" in line or "unavailable" in line]
     finally:
         _stop_all(daemons)
 
@@ -674,7 +690,9 @@ def run_lane_effect(n: int, rounds: int, *, root: Path, warm: int) -> dict[str, 
 
     lane, stream = summary(per_mode["lane"]), summary(per_mode["stream"])
     out = {"nodes": n, "rounds_per_mode": rounds, "model": "WideDigitsCNN", "weights_bytes": len(plan.weights),
-           "lane": lane, "stream": stream, "node_lane_counters": lane_stats}
+           "lane": lane, "stream": stream, "node_lane_counters": lane_stats,
+           "node_log_transfer_retries": [line[-300:] for line in lines[:20]],
+           "coordinator_log_transfer_retries": coordinator_log[:20]}
     if lane["overhead_s_median"] and stream["overhead_s_median"]:
         out["overhead_stream_over_lane"] = round(stream["overhead_s_median"] / lane["overhead_s_median"], 2)
         out["overhead_saved_s"] = _r(stream["overhead_s_median"] - lane["overhead_s_median"])
@@ -749,7 +767,8 @@ def main() -> None:
             results.append(run_n(n, r, root=Path(tmp), settle=not args.no_settle, warm=args.warm_workers))
         lane_n, lane_rounds = args.lane_effect
         if lane_n > 0 and lane_rounds > 0:
-            report["lane_effect"] = run_lane_effect(lane_n, lane_rounds, root=Path(tmp), warm=args.warm_workers)
+            report["lane_effect"] = run_lane_effect(lane_n, lane_rounds, root=Path(tmp), warm=args.warm_workers,
+                                                    settle=not args.no_settle)
     report["results"] = results
     if not results:
         report["bench_s"] = round(time.monotonic() - started, 1)

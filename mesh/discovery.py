@@ -5,6 +5,11 @@ dial); the book records every source that named it (``mdns``, ``bootstrap``, ``i
 ``dht``) so ``hivecell peers`` can say how each peer was found. A peer that leaves the LAN (an mDNS goodbye or an
 expired record) is forgotten unless another source still names it. Bootstrap addresses are re-dialled every
 ``BOOTSTRAP_RETRY_S`` while not connected, so a node that starts before its bootstrap peer still joins.
+
+Clocks: signed records carry their issue time and are refused outside ``CLOCK_SKEW_S`` of the receiver's clock, so a
+box whose clock is off cannot take part. Every peer serves ``/hivecell/time/1.0.0`` (its wall clock), and each
+connected peer's clock is read on connection and every ``CLOCK_CHECK_S``: offset = its time - the midpoint of our
+request and its answer (off by at most half the round trip). ``snapshot`` reports it and ``hivecell doctor`` checks it.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
-from .host import MeshHost, PeerUnreachable, short
+from .host import MeshHost, PeerUnreachable, RemoteError, Reply, short
 from .mdns import announce_addrs, serve_mdns
+from .message import ErrorCode, Message, Protocol, RemoteProtocolError
 
-__all__ = ["Discovery", "PeerEntry"]
+__all__ = ["TIME_PROTOCOL", "Discovery", "PeerEntry", "TimeQuery", "TimeReply"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +34,27 @@ MAX_DIALS = 8
 REDIAL_S = 5.0
 BOOTSTRAP_RETRY_S = 15.0
 MAX_PEERS = 4096  # the book is bounded: mDNS answers are unauthenticated and anyone on the LAN can send them
+CLOCK_CHECK_S = 300.0  # read each connected peer's clock this often (and on connection)
+CLOCK_TIMEOUT_S = 5.0
+MAX_CLOCK_READS = 4  # at once
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeQuery(Message):
+    TAG: ClassVar[str] = "time?"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeReply(Message):
+    TAG: ClassVar[str] = "time"
+    wall: float  # the answering peer's time.time()
+
+    def __post_init__(self) -> None:
+        if not (self.wall == self.wall and 0 < self.wall < 1e11):  # not NaN; after 1970, before year 5000
+            raise ValueError("not a wall-clock time")
+
+
+TIME_PROTOCOL = Protocol("/hivecell/time/1.0.0", TimeQuery, TimeReply, max_frame=256)
 
 
 @dataclass
@@ -39,6 +66,10 @@ class PeerEntry:
     last_seen: float = field(default_factory=time.time)
     last_dial_failed: float = 0.0
     dial_error: str = ""
+    clock_offset_s: float | None = None  # the peer's clock minus ours, from the last reading
+    clock_rtt_s: float | None = None  # the round trip of that reading: the offset is good to half of it
+    clock_read_at: float = -CLOCK_CHECK_S - 1  # monotonic time of the last attempt
+    clock_error: str = ""
 
 
 class Discovery:
@@ -52,6 +83,7 @@ class Discovery:
         self.bootstrap = list(bootstrap)
         self.peers: dict[str, PeerEntry] = {}
         self._dials = trio.CapacityLimiter(MAX_DIALS)
+        self._clock_reads = trio.CapacityLimiter(MAX_CLOCK_READS)
         self._nursery: trio.Nursery | None = None
         self.connected_event = trio.Event()  # set once any peer is connected
 
@@ -77,7 +109,10 @@ class Discovery:
             self._note(peer, [], "inbound")
         rows = [{"peer_id": e.peer_id, "addrs": list(e.addrs), "found_by": sorted(e.sources),
                  "connected": e.peer_id in connected, "first_seen": round(e.first_seen, 3),
-                 "last_seen": round(e.last_seen, 3), **({"dial_error": e.dial_error} if e.dial_error else {})}
+                 "last_seen": round(e.last_seen, 3), **({"dial_error": e.dial_error} if e.dial_error else {}),
+                 **({"clock_offset_s": round(e.clock_offset_s, 3), "clock_rtt_s": round(e.clock_rtt_s or 0.0, 4)}
+                    if e.clock_offset_s is not None else {}),
+                 **({"clock_error": e.clock_error} if e.clock_error else {})}
                 for e in self.peers.values()]
         rows.sort(key=lambda r: (not r["connected"], r["peer_id"]))
         return rows
@@ -138,14 +173,46 @@ class Discovery:
 
     async def _watch_connections(self) -> None:
         while True:
-            if self.host.connected_peers():
+            connected = self.host.connected_peers()
+            if connected:
                 self.connected_event.set()
+            now = time.monotonic()
+            for peer in connected:
+                entry = self.peers.get(peer) or self._note(peer, [], "inbound")
+                if entry is not None and now - entry.clock_read_at >= CLOCK_CHECK_S:
+                    entry.clock_read_at = now
+                    self._nursery.start_soon(self._read_clock, entry)  # type: ignore[union-attr]
             await trio.sleep(0.5)
+
+    async def _read_clock(self, entry: PeerEntry) -> None:
+        """Read ``entry``'s clock once; a peer that does not serve the protocol (a scientist's short-lived client) is
+        noted and asked again only after ``CLOCK_CHECK_S``."""
+        async with self._clock_reads:
+            t0, m0 = time.time(), time.monotonic()
+            try:
+                reply = await self.host.request(entry.peer_id, TIME_PROTOCOL, TimeQuery(), expect=TimeReply,
+                                                timeout=CLOCK_TIMEOUT_S)
+            except (PeerUnreachable, RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
+                entry.clock_error = str(exc)[:200] or type(exc).__name__
+                logger.debug("cannot read the clock of %s: %s", short(entry.peer_id), entry.clock_error)
+                return
+            t1, m1 = time.time(), time.monotonic()
+            entry.clock_offset_s, entry.clock_rtt_s, entry.clock_error = reply.wall - (t0 + t1) / 2, m1 - m0, ""
+            if abs(entry.clock_offset_s) > 30:
+                logger.warning("the clock of %s is %+.1f s off ours: signed records outside the allowed skew are "
+                               "refused; check time sync on both boxes", short(entry.peer_id), entry.clock_offset_s)
+
+    @staticmethod
+    async def _answer_time(peer: str, message: Message, reply: Reply) -> None:
+        if not isinstance(message, TimeQuery):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, "expected a time query")
+        await reply.send(TimeReply(wall=time.time()))
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run mDNS (if it has interfaces) and the bootstrap dialler until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.host.serve(TIME_PROTOCOL, self._answer_time)
             if self.mdns_ips:
                 announce = announce_addrs(self.host.addrs(), self.mdns_ips) if self.announce else []
                 await nursery.start(lambda task_status: serve_mdns(

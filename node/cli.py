@@ -434,6 +434,7 @@ def peers(ctx: click.Context, timeout: float, bootstrap: tuple[str, ...], mdns: 
     for row in rows:
         state = "connected" if row.get("connected") else "seen"
         click.echo(f"{row['peer_id']}  {state:<9}  found by {','.join(row.get('found_by', [])) or '?'}"
+                   + (f"  clock {row['clock_offset_s']:+.2f} s" if "clock_offset_s" in row else "")
                    + (f"  {row['addrs'][0]}" if row.get("addrs") else ""))
     index = info.get("index")
     if index:

@@ -9,7 +9,8 @@ Two promises, because doctor runs on production boxes:
 - It never imports torch into this process (the daemon never does; only the Worker does). torch is probed in a
   fresh interpreter, as the Worker is started.
 - It sends no network traffic. Ports are checked by binding a socket and closing it, and multicast is reported from
-  the interface flags only: nothing is sent, not even to a multicast group.
+  the interface flags only: nothing is sent, not even to a multicast group. Peers' clocks are the running daemon's
+  own readings (``/hivecell/time/1.0.0``, kept in ``peers.json``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -34,7 +35,8 @@ from hivecell.crypto.record import CLOCK_SKEW_S
 from .home import Home
 
 __all__ = [
-    "Check", "ClockSample", "Facts", "Interface", "ListenFact", "Status", "TorchProbe", "check_clock", "check_config",
+    "Check", "ClockSample", "Facts", "Interface", "ListenFact", "PeerClock", "Status", "TorchProbe", "check_clock",
+    "check_config", "check_peer_clocks", "peer_clocks_of",
     "check_daemon", "check_disk", "check_home_mode", "check_interfaces", "check_key_mode", "check_listen",
     "check_packages", "check_python", "check_torch", "evaluate", "exit_status", "gather_facts", "parse_flags",
     "parse_listen", "print_table", "probe_torch", "satisfies",
@@ -112,6 +114,15 @@ class ClockSample:
 
 
 @dataclass(frozen=True)
+class PeerClock:
+    """A peer's clock as the running daemon last read it: its time minus ours, good to half the round trip."""
+
+    peer_id: str
+    offset_s: float
+    rtt_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Facts:
     """Everything the checks look at, as read by ``gather_facts`` or made up by a test."""
 
@@ -135,6 +146,8 @@ class Facts:
     config_error: str | None = None
     config_keys: tuple[str, ...] = ()
     use_packaging: bool = True
+    # the running daemon's readings of its peers' clocks (peers.json); None: no daemon runs, so none were taken
+    peer_clocks: tuple[PeerClock, ...] | None = None
 
 
 # -- version comparison -------------------------------------------------------------------------------------------
@@ -448,9 +461,9 @@ def check_interfaces(interfaces: list[Interface]) -> list[Check]:
 def check_clock(sample: ClockSample, *, floor: float = CLOCK_FLOOR) -> Check:
     """The wall clock is plausible (after ``floor``) and runs with the monotonic clock.
 
-    Skew against peers is not checked: that needs peer discovery (peers' signed records carry their times).
+    Skew against peers is :func:`check_peer_clocks`.
     """
-    not_checked = f"skew against peers is not checked yet (needs discovery; records allow {CLOCK_SKEW_S} s)"
+    not_checked = f"skew against peers: see peer-clocks (records allow {CLOCK_SKEW_S} s)"
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(sample.wall1))
     if sample.wall1 < floor:
         return Check("clock", Status.FAIL, f"the system clock says {now}, before this software existed; peers "
@@ -462,6 +475,44 @@ def check_clock(sample: ClockSample, *, floor: float = CLOCK_FLOOR) -> Check:
                                            f"while sampling (being stepped?); {not_checked}",
                      "let time sync settle, then run doctor again")
     return Check("clock", Status.OK, f"{now}, runs with the monotonic clock; {not_checked}")
+
+
+def check_peer_clocks(clocks: Sequence[PeerClock] | None, *, allowed: float = CLOCK_SKEW_S) -> Check:
+    """The peers' clocks agree with ours: signed records (adverts, job requests, sign-offs) issued more than
+    ``allowed`` seconds in the future, or expired by our clock, are refused. Fails beyond ``allowed``, warns beyond a
+    quarter of it (the margin that is left for a record's travel and its lifetime)."""
+    if clocks is None:
+        return Check("peer-clocks", Status.OK, "not measured: no daemon runs in this home (a running daemon reads "
+                                               "its peers' clocks; run doctor again while it runs)")
+    if not clocks:
+        return Check("peer-clocks", Status.OK, "the daemon has not read a peer's clock yet (no peer connected)")
+    worst = max(clocks, key=lambda c: abs(c.offset_s))
+    ahead = "ahead of" if worst.offset_s > 0 else "behind"
+    detail = (f"{len(clocks)} peer(s) read; the largest offset is peer {worst.peer_id[-8:]}, "
+              f"{abs(worst.offset_s):.2f} s {ahead} this box (±{worst.rtt_s / 2:.3f} s)")
+    fix = ("enable time sync on this box and on that peer (timedatectl set-ntp true; chrony or systemd-timesyncd "
+           "with a LAN time server if the mesh has no internet)")
+    if abs(worst.offset_s) > allowed:
+        return Check("peer-clocks", Status.FAIL, f"{detail}: beyond the {allowed} s that signed records allow, so "
+                                                 f"records between the two are refused", fix)
+    if abs(worst.offset_s) > allowed / 4:
+        return Check("peer-clocks", Status.WARN, f"{detail}: within the {allowed} s allowed, with little margin",
+                     fix)
+    return Check("peer-clocks", Status.OK, detail)
+
+
+def peer_clocks_of(peers_info: Mapping[str, Any] | None) -> tuple[PeerClock, ...] | None:
+    """The readings in a daemon's ``peers.json`` (rows with ``clock_offset_s``); malformed rows are skipped."""
+    if peers_info is None:
+        return None
+    out = []
+    for row in peers_info.get("peers", []) if isinstance(peers_info.get("peers"), list) else []:
+        try:
+            out.append(PeerClock(str(row["peer_id"]), float(row["clock_offset_s"]),
+                                 float(row.get("clock_rtt_s", 0.0))))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return tuple(out)
 
 
 def check_config(path: str, exists: bool, error: str | None, keys: Iterable[str]) -> Check:
@@ -493,6 +544,7 @@ def evaluate(facts: Facts) -> list[Check]:
         *(check_listen(f, daemon_running=facts.daemon_running, daemon_addrs=daemon_addrs) for f in facts.listen),
         *check_interfaces(facts.interfaces),
         check_clock(facts.clock),
+        check_peer_clocks(facts.peer_clocks),
     ]
 
 
@@ -679,6 +731,7 @@ def gather_facts(home: Home, *, listen: Iterable[str], config_path: Path, config
         config_error=config_error,
         config_keys=tuple(config_keys),
         use_packaging=use_packaging,
+        peer_clocks=peer_clocks_of(home.peers_info() or {}) if running else None,
     )
 
 

@@ -18,7 +18,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "fedavg_rounds.py"
 
 
 def test_fedavg_rounds_prints_one_json_object() -> None:
-    proc = subprocess.run([sys.executable, str(BENCH), "--nodes", "2", "--rounds", "2", "--no-settle"],
+    proc = subprocess.run([sys.executable, str(BENCH), "--nodes", "2", "--rounds", "2", "--no-settle",
+                           "--lane-effect", "1", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
@@ -36,3 +37,13 @@ def test_fedavg_rounds_prints_one_json_object() -> None:
     assert {"to_received", "queue", "worker", "train", "release", "fetch", "after"} <= critical.keys()
     assert critical["train"] > 0 and critical["fetch"] >= 0
     assert "round 1/2" in proc.stderr and "round 2/2" in proc.stderr  # one progress line per round on stderr
+    # The lane's effect with the 25 MB model: one node, one round each way after a warm-up; what moved on the lane
+    # (the warm-up's and the lane round's weights and updates) is counted by the node, and nothing fell back.
+    effect = report["lane_effect"]
+    assert effect["weights_bytes"] > 20_000_000 and effect["nodes"] == 1
+    for mode in ("lane", "stream"):
+        assert effect[mode]["accepted_min"] == 1 and effect[mode]["round_s_median"] > 0
+        assert effect[mode]["bytes_per_round"] > 2 * effect["weights_bytes"]
+    counters = effect["node_lane_counters"]
+    assert counters["weights_pulled"] == 2 and counters["results_by_reference"] == 2, counters
+    assert counters["lane_fetched"] == 2 and counters.get("fallbacks", 0) == 0, counters

@@ -103,6 +103,19 @@ def test_the_index_survives_a_restart_and_peers_are_listed(two_daemons, tmp_path
     human = hc(b.home, "peers").stdout
     assert a.peer_id in human and "bootstrap" in human and "3 adverts" in human
 
+    # Each daemon reads the other's clock (/hivecell/time/1.0.0) and doctor reports it from peers.json.
+    def clock_row(home, peer):
+        rows = json.loads((home / "peers.json").read_text())["peers"]
+        return next((r for r in rows if r["peer_id"] == peer and "clock_offset_s" in r), None)
+
+    until(lambda: clock_row(a.home, b.peer_id) and clock_row(b.home, a.peer_id), "both daemons read a peer clock")
+    row = clock_row(a.home, b.peer_id)
+    assert abs(row["clock_offset_s"]) < 1.0 and 0 < row["clock_rtt_s"] < 5.0  # one box, one clock
+    checks = json.loads(hc(a.home, "doctor", "--json", check=False).stdout)
+    (peer_clocks,) = [c for c in checks if c["name"] == "peer-clocks"]
+    assert peer_clocks["status"] == "ok" and "1 peer(s) read" in peer_clocks["detail"], peer_clocks
+    assert "clock" in hc(a.home, "peers").stdout
+
     # A restarts alone (B stopped): its index comes back from its store, and answers at once.
     b.stop()
     a.stop()

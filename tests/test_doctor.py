@@ -264,7 +264,7 @@ def test_real_interfaces_are_read():
 
 
 @pytest.mark.parametrize("sample, status, words", [
-    (ClockSample(1.8e9, 100.0, 1.8e9 + 0.05, 100.05), Status.OK, "not checked yet"),
+    (ClockSample(1.8e9, 100.0, 1.8e9 + 0.05, 100.05), Status.OK, "see peer-clocks"),
     (ClockSample(1e6, 100.0, 1e6 + 0.05, 100.05), Status.FAIL, "1970"),
     (ClockSample(1.8e9, 100.0, 1.8e9 + 30.0, 100.05), Status.WARN, "jumped"),
     (ClockSample(1.8e9, 100.0, 1.8e9 - 5.0, 100.05), Status.WARN, "jumped"),
@@ -272,6 +272,31 @@ def test_real_interfaces_are_read():
 def test_clock(sample, status, words):
     check = check_clock(sample)
     assert check.status is status and words in check.detail
+
+
+PEER = "12D3KooWPeerPeerPeerPeerPeerPeerPeerPeer"
+
+
+@pytest.mark.parametrize("clocks, status, words", [
+    (None, Status.OK, "no daemon runs"),
+    ((), Status.OK, "not read a peer's clock yet"),
+    ((dr.PeerClock(PEER, 0.004, 0.002), dr.PeerClock("x" * 40, -1.5, 0.01)), Status.OK, "1.50 s behind"),
+    ((dr.PeerClock(PEER, 45.0, 0.01),), Status.WARN, "45.00 s ahead"),
+    ((dr.PeerClock(PEER, 0.2), dr.PeerClock("y" * 40, -121.0, 0.01)), Status.FAIL, "refused"),
+])
+def test_peer_clocks(clocks, status, words):
+    check = dr.check_peer_clocks(clocks)
+    assert check.name == "peer-clocks" and check.status is status and words in check.detail
+    assert (status is Status.OK) == (check.fix == "")
+
+
+def test_peer_clocks_are_read_from_the_daemons_peers_file():
+    info = {"peers": [{"peer_id": PEER, "clock_offset_s": 2.5, "clock_rtt_s": 0.01}, {"peer_id": "no reading"},
+                      {"peer_id": "bad", "clock_offset_s": "soon"}, "not a row"]}
+    assert dr.peer_clocks_of(info) == (dr.PeerClock(PEER, 2.5, 0.01),)
+    assert dr.peer_clocks_of(None) is None and dr.peer_clocks_of({"peers": "junk"}) == ()
+    failing = fake_facts(daemon_running=True, peer_clocks=(dr.PeerClock(PEER, 500.0),))
+    assert exit_status(evaluate(failing)) == 1
 
 
 # -- the whole report ---------------------------------------------------------------------------------------------
@@ -292,7 +317,7 @@ def test_a_healthy_jetson():
     assert all(c.status is Status.OK for c in checks), [c for c in checks if c.status is not Status.OK]
     assert [c.name for c in checks] == ["python", "libp2p", "trio", "lmdb", "torch", "cuda", "config", "home",
                                         "node key", "disk", "daemon", "listen /ip4/0.0.0.0/tcp/4001",
-                                        "interface eth0", "mdns", "clock"]
+                                        "interface eth0", "mdns", "clock", "peer-clocks"]
     assert exit_status(checks) == 0
 
 

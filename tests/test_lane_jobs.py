@@ -65,7 +65,7 @@ def _lane_stats(daemon, want: dict[str, int], timeout: float = 20.0) -> dict:
 async def test_weights_and_result_travel_on_the_lane_and_are_not_sent_twice(lane_node, plan_factory):
     plan = plan_factory(**RECIPE)
     async with Client.connect(lane_node.address) as client:
-        client.lane_threshold = 0  # the digits CNN's 0.6 MB go by reference too
+        client.lane_threshold = 0  # the digits CNN's 25 KB of weights go by reference too
         lane = client.offers.lane
         first = await client.train("digits", plan, timeout=300)
         assert lane.stats["lane_served"] == 1  # the node pulled the weights over TLS, not over the stream
@@ -86,7 +86,7 @@ async def test_weights_and_result_travel_on_the_lane_and_are_not_sent_twice(lane
 
 async def test_small_weights_stay_inline(lane_node, plan_factory):
     plan = plan_factory(**RECIPE)
-    async with Client.connect(lane_node.address) as client:  # default threshold 1 MiB: the 0.6 MB weights go inline
+    async with Client.connect(lane_node.address) as client:  # default threshold 1 MiB: the 25 KB of weights go inline
         result = await client.train("digits", plan, timeout=300)
         assert client.offers.lane.stats["lane_served"] == 0
         assert client.offers.lane.stats["lane_fetched"] == 1  # the node's threshold is 0: the result came by lane
