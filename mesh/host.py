@@ -295,7 +295,11 @@ async def open_host(identity: Identity, listen: list[str] | None = None) -> Asyn
     )
     try:
         async with host.run(addrs):
-            yield MeshHost(identity, host)
+            try:
+                yield MeshHost(identity, host)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await _close_connections(host)
     except BaseExceptionGroup as group:
         # py-libp2p runs the body inside its own nursery, so an error raised in the ``async with`` body (ours or the
         # caller's) arrives wrapped in one or two exception groups. When the group holds exactly one error, that
@@ -304,3 +308,34 @@ async def open_host(identity: Identity, listen: list[str] | None = None) -> Asyn
         if len(inner) == 1 and isinstance(inner[0], Exception):
             raise inner[0] from None
         raise
+
+
+async def _close_connections(host) -> None:
+    """Close every connection and its socket before the host stops. py-libp2p 0.8.1's shutdown leaves accepted and
+    dialled TCP sockets open in the process (measured: still ESTABLISHED after ``host.run`` exits), so a peer never
+    sees them close; it keeps the dead connection and its next stream to our peer id (a scientist who joins again
+    with the same identity from the same process) waits 10 s on it before failing."""
+    network = host.get_network()
+    for conns in list(network.connections.values()):
+        for conn in list(conns):
+            try:
+                await conn.close()
+            except Exception as exc:  # best effort: the host is going away either way
+                logger.debug("closing a connection: %r", exc)
+            raw = _raw_stream(conn)
+            if raw is not None:
+                try:
+                    await raw.close()
+                except Exception as exc:
+                    logger.debug("closing a socket: %r", exc)
+
+
+def _raw_stream(conn):
+    """The trio stream under a swarm connection (muxer -> secure session -> raw connection), if it can be found."""
+    node = getattr(conn, "muxed_conn", None)
+    for attr in ("secured_conn", "conn", "stream"):
+        nxt = getattr(node, attr, None)
+        if nxt is None:
+            continue
+        node = nxt
+    return node if node is not None and hasattr(node, "close") and node is not conn else None
