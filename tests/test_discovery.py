@@ -188,3 +188,27 @@ async def test_a_client_can_keep_an_index_in_process(two_daemons):
         assert {x.name for x in client.gossip.index.search()} == {"digits-a", "digits-b", "heart"}
         found = await client.search(tags=["south"], expect=1, timeout=10)
         assert [(i.name, i.node) for i in found] == [("digits-b", b.peer_id)]
+
+
+async def test_a_peer_that_comes_back_with_the_same_identity_is_reached_at_once():
+    """A host that closes takes its connections down with it (py-libp2p 0.8.1 left the sockets open), so a node does
+    not keep a dead connection to that peer id: when a scientist joins again with the same identity in the same
+    process, the node reaches the new host at once (before the fix: a 10 s wait, then an error) and reads its
+    clock over the time protocol."""
+    from hivecell.crypto.identity import Identity
+    from hivecell.mesh.discovery import TIME_PROTOCOL, Discovery, TimeQuery, TimeReply
+    from hivecell.mesh.host import open_host
+
+    scientist = Identity.generate()
+    async with open_host(Identity.generate()) as node:
+        for _ in range(3):
+            async with open_host(scientist) as host:
+                host.serve(TIME_PROTOCOL, Discovery._answer_time)
+                await host.connect(node.addrs()[0])
+                with trio.fail_after(5):
+                    reply = await node.request(host.peer_id, TIME_PROTOCOL, TimeQuery(), expect=TimeReply,
+                                               timeout=5)
+                assert abs(reply.wall - time.time()) < 5
+            with trio.fail_after(5):
+                while host.peer_id in node.connected_peers():  # the node sees the connection close
+                    await trio.sleep(0.05)
