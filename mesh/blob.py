@@ -74,6 +74,13 @@ class BlobCache:
         self.stats["hits"] += 1
         return blob
 
+    def discard(self, sha256: str | bytes) -> bool:
+        """Drop the blob if it is here; returns whether it was."""
+        dropped = self._blobs.pop(_digest(sha256), None)
+        if dropped is not None:
+            self.size -= len(dropped)
+        return dropped is not None
+
     async def add(self, blob) -> str:
         """Keep ``blob`` and return its sha256 in hex (hashed in a thread: a checkpoint)."""
         view = _byte_view(blob)

@@ -98,8 +98,10 @@ class Daemon:
                  lane: Lane | None = None, offers: SharedOffers | None = None) -> None:
         self.identity, self.store, self.pool, self.config = identity, store, pool, config
         self.lane, self.offers = lane, offers
-        # weights pulled for jobs refused after the pull (busy, budget), so that a retry is not sent them again
-        self.pulled = BlobCache(max_bytes=256 << 20)
+        # weights pulled recently, so that a node is not sent them again: by a retry after a refusal (busy, budget),
+        # or by another job with the same weights after the first one's plan left the store (a job's plan is dropped
+        # from the store when it ends). Bounded: at most 64 MB of the daemon's memory (`peers.json` shows it).
+        self.pulled = BlobCache(max_bytes=64 << 20)
         self.stats: Counter[str] = Counter()  # weights_pulled, weights_deduplicated, results_by_reference
         self._changed = trio.Event()
         self._work = trio.Event()
@@ -492,4 +494,4 @@ def lane_summary(daemon: Daemon) -> dict[str, Any]:
     if lane is None:
         return {"enabled": False}
     return {"enabled": lane.config.lane, "port": lane.port, "offered": len(lane.offered()),
-            "stats": dict(lane.stats) | dict(daemon.stats)}
+            "pulled_cache_bytes": daemon.pulled.size, "stats": dict(lane.stats) | dict(daemon.stats)}
