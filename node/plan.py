@@ -783,7 +783,11 @@ def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tupl
 
 def plan_hash(program: bytes, weights: bytes, recipe: dict[str, Any]) -> str:
     """The plan's identity: sha256 over canonical msgpack of the parts' hashes and the (normalized) recipe."""
-    body = [hashlib.sha256(program).hexdigest(), hashlib.sha256(weights).hexdigest(), recipe]
+    return _plan_hash(program, hashlib.sha256(weights).hexdigest(), recipe)
+
+
+def _plan_hash(program: bytes, weights_sha256: str, recipe: dict[str, Any]) -> str:
+    body = [hashlib.sha256(program).hexdigest(), weights_sha256, recipe]
     return hashlib.sha256(canonical_packb(body)).hexdigest()
 
 
@@ -802,8 +806,7 @@ class Plan:
     @functools.cached_property
     def hash(self) -> str:
         """As :func:`plan_hash` (computed once: a FedAvg round sends one plan to many nodes)."""
-        body = [hashlib.sha256(self.program).hexdigest(), self.weights_sha256, self.recipe]
-        return hashlib.sha256(canonical_packb(body)).hexdigest()
+        return _plan_hash(self.program, self.weights_sha256, self.recipe)
 
 
 # -- client side (torch) ----------------------------------------------------------------------------------------------
