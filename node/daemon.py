@@ -43,8 +43,8 @@ from .ledger import LedgerError
 from .release import complete_job, fail_entry, plan_blobs, reserve_entry
 from .store import QueueFull, Store, StoreError, sha256_hex
 from .wire import (
-    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_BLOB_REF_BYTES, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted, JobResultMsg, JobStatus,
-    ListDatasets, SubmitJob, WatchJob,
+    DATASET_PROTOCOL, JOB_DOMAIN, JOB_PROTOCOL, MAX_BLOB_REF_BYTES, MAX_WATCH_S, DatasetList, FetchResult, JobAccepted,
+    JobResultMsg, JobStatus, ListDatasets, SubmitJob, WatchJob,
 )
 from .workerpool import WorkerFailed, WorkerJob, WorkerLimits, open_worker_pool
 
@@ -187,12 +187,9 @@ class Daemon:
             self.store.nonce_seen(nonce), self.store.count_jobs(peer), self.store.get_blob(ref)))
         if seen:  # checked again in _accept, in the transaction; here so that a replay costs no transfer
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
-        if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
-            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
+        self._check_queue(queued)
         if held is None:
-            cached = self.pulled.get(ref)
-            held = bytes(cached) if cached is not None else None
-        if held is None:
+            deduplicated = ref in self.pulled  # fetch_blob answers from the cache then
             try:
                 blob = await fetch_blob(self.lane, peer, ref, cache=self.pulled, timeout=WEIGHTS_FETCH_S)
             except BlobTooLarge:
@@ -204,12 +201,17 @@ class Daemon:
                 logger.info("pulling weights %s from %s failed: %s", ref[:12], short(peer), exc)
                 raise RemoteError(ErrorCode.UNAVAILABLE, f"could not pull the weights: {exc}") from None
             held = bytes(blob)
-            self.stats["weights_pulled"] += 1
         else:
-            self.stats["weights_deduplicated"] += 1
+            deduplicated = True
+        self.stats["weights_deduplicated" if deduplicated else "weights_pulled"] += 1
         if len(held) != msg.weights_size:
             raise RemoteError(ErrorCode.BAD_MESSAGE, "the weights' size is not the one announced")
         return replace(msg, weights=held, weights_ref="", weights_size=0)
+
+    def _check_queue(self, queued: dict[str, int]) -> None:
+        """Refuse a job when this scientist, or everyone together, has as many waiting as the node takes."""
+        if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
+            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
 
     def _accept(self, peer: str, request: Any, msg: SubmitJob, job_id: str, dataset_name: str, p_hash: str,
                 recipe: Any) -> dict[str, Any]:
@@ -233,9 +235,7 @@ class Daemon:
         if plan_hash(msg.program, msg.weights, recipe) != p_hash:
             raise RemoteError(ErrorCode.BAD_PLAN, "the plan does not match the plan_hash the request signs")
         program_key, weights_key = sha256_hex(msg.program), sha256_hex(msg.weights)
-        queued = self.store.count_jobs(peer)
-        if queued["mine"] >= self.config.max_queued_per_peer or queued["all"] >= self.config.max_queued:
-            raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later")
+        self._check_queue(self.store.count_jobs(peer))
         if not self.store.remember_nonce(request.nonce, request.expires_at):
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
         try:  # priced before anything runs, with the numbers the Worker will use (same rows, same sampling)
