@@ -36,11 +36,20 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Lan", "LanError", "namespace_lan", "netns_available", "skip_unless_netns"]
 
 _IP_TIMEOUT = 10.0  # one `ip` command; they take milliseconds
+
+
+def log_tail(path: Path, n: int = 3000) -> str:
+    """The last ``n`` characters of a member's log, for failure messages."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except FileNotFoundError:
+        return "(no log)"
 
 
 class LanError(RuntimeError):

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import yaml
 
-from netlan import namespace_lan, skip_unless_netns
+from netlan import log_tail, namespace_lan, skip_unless_netns
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -586,13 +586,6 @@ def test_make_data_writes_the_fedavg_digits_shards(shards):
 # -- the LAN: what the compose file describes, as real processes in network namespaces ---------------------------------
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except FileNotFoundError:
-        return "(no log)"
-
-
 @pytest.mark.slow
 def test_compose_nodes_find_each_other_by_mdns_in_namespaces(doc, nodes, image, shards, cli_on_path, tmp_path):
     """node1..node4 run as compose runs them (entrypoint, command, environment, mounts mapped to temporary paths),
@@ -623,7 +616,7 @@ def test_compose_nodes_find_each_other_by_mdns_in_namespaces(doc, nodes, image, 
                                  stderr=subprocess.STDOUT)
 
         def all_logs() -> str:
-            return "\n".join(f"--- {n} ({lan.ip(k_of[n])}) ---\n{_tail(logs[n])}" for n in names)
+            return "\n".join(f"--- {n} ({lan.ip(k_of[n])}) ---\n{log_tail(logs[n])}" for n in names)
 
         def wait_ready(procs: dict[str, subprocess.Popen], timeout: float = 90) -> dict[str, dict[str, Any]]:
             ready: dict[str, dict[str, Any]] = {}
@@ -686,11 +679,11 @@ def test_compose_nodes_find_each_other_by_mdns_in_namespaces(doc, nodes, image, 
         procs[first] = start(first)
         again = wait_ready({first: procs[first]})
         assert again[first]["peer_id"] == peer_ids[first]
-        assert "registered already" in _tail(logs[first]), _tail(logs[first])
+        assert "registered already" in log_tail(logs[first]), log_tail(logs[first])
 
         for proc in procs.values():
             assert lan.stop(proc, grace=60) == 0
         for name in names:
-            text = _tail(logs[name], 200_000)
+            text = log_tail(logs[name], 200_000)
             assert "Traceback" not in text, all_logs()
             assert text.count("added " + environment(nodes[name])["DATASET_NAME"]) == 1, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -76,6 +77,20 @@ class Peer:
 
 async def connect(a: Peer, b: Peer) -> None:
     await a.host.connect(b.addr)
+
+
+@asynccontextmanager
+async def index_and_client(nursery):
+    """An index peer and, connected to it, a peer without the index role; both stopped on exit."""
+    server, client = Peer(), Peer(role=False)
+    try:
+        await server.start(nursery)
+        await client.start(nursery)
+        await connect(client, server)
+        yield server, client
+    finally:
+        await client.stop()
+        await server.stop()
 
 
 async def until(predicate, what: str, timeout: float = WAIT_S) -> float:
@@ -221,11 +236,7 @@ async def test_a_flood_is_throttled_and_bounded_without_starving_others(nursery)
 
 
 async def test_search_digest_and_bad_requests_over_the_protocol(nursery):
-    server, client = Peer(), Peer(role=False)
-    try:
-        await server.start(nursery)
-        await client.start(nursery)
-        await connect(client, server)
+    async with index_and_client(nursery) as (server, client):
         alice = Identity.generate()
         for name, words in (("digits-a", "handwritten digits"), ("heart", "heart study"), ("gone", "old")):
             await server.gossip.publish(advert(alice, name, description=words))
@@ -253,17 +264,10 @@ async def test_search_digest_and_bad_requests_over_the_protocol(nursery):
         hits = await client.host.request(peer, INDEX_PROTOCOL, IndexSearch(words=["heart"]), expect=IndexHits)
         assert len(hits.adverts) == 1
         assert client.index.offer(hits.adverts[0]) is Verdict.NEW
-    finally:
-        await client.stop()
-        await server.stop()
 
 
 async def test_an_expired_advert_leaves_search_results(nursery):
-    server, client = Peer(), Peer(role=False)
-    try:
-        await server.start(nursery)
-        await client.start(nursery)
-        await connect(client, server)
+    async with index_and_client(nursery) as (server, client):
         alice = Identity.generate()
         await server.gossip.publish(advert(alice, "short", ttl=1))
         await server.gossip.publish(advert(alice, "long", ttl=600))
@@ -273,6 +277,3 @@ async def test_an_expired_advert_leaves_search_results(nursery):
         await trio.sleep(2.1)
         hits = await client.host.request(peer, INDEX_PROTOCOL, IndexSearch(), expect=IndexHits)
         assert len(hits.adverts) == 1 and b"long" in hits.adverts[0]
-    finally:
-        await client.stop()
-        await server.stop()

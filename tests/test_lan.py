@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netlan import Lan, namespace_lan, skip_unless_netns
+from netlan import Lan, log_tail, namespace_lan, skip_unless_netns
 
 # Advertiser: a TCP listener on IP that greets with TOKEN, announced by mDNS on IP only, TXT properties included.
 # Prints one JSON line once the service is registered, then serves until it is killed.
@@ -137,13 +137,6 @@ def _hc(lan: Lan, k: int, home: Path, *args: str, timeout: float = 60.0) -> subp
     return done
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except FileNotFoundError:
-        return "(no log)"
-
-
 @pytest.mark.slow
 def test_four_daemons_found_by_search_with_no_bootstrap(tmp_path):
     skip_unless_netns()
@@ -169,7 +162,7 @@ def test_four_daemons_found_by_search_with_no_bootstrap(tmp_path):
                                        stdout=log, stderr=subprocess.STDOUT)
 
         def logs() -> str:
-            return "\n".join(f"--- daemon {k} ({lan.ip(k)}) log tail ---\n{_tail(homes[k] / 'daemon.log')}"
+            return "\n".join(f"--- daemon {k} ({lan.ip(k)}) log tail ---\n{log_tail(homes[k] / 'daemon.log')}"
                              for k in holders)
 
         peer_ids: dict[int, str] = {}
@@ -214,4 +207,4 @@ def test_four_daemons_found_by_search_with_no_bootstrap(tmp_path):
         for proc in daemons.values():
             lan.stop(proc)
         for k in holders:
-            assert "Traceback" not in _tail(homes[k] / "daemon.log", 200_000), logs()
+            assert "Traceback" not in log_tail(homes[k] / "daemon.log", 200_000), logs()
