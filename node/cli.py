@@ -228,6 +228,8 @@ def _daemon_options(command: Any) -> Any:
                           metavar="IFACE" if interface else "MULTIADDR",
                           help=option.help + " In the environment: comma-separated.")
 
+        elif option.kind is str:
+            kwargs.update(type=click.Choice(option.choices), help=option.help + f" Default: {option.default}.")
         else:
             range_type = click.IntRange if option.kind is int else click.FloatRange
             default = "" if option.default is None else f" Default: {option.default}."
@@ -525,9 +527,9 @@ def doctor(ctx: click.Context, as_json: bool, torch_timeout: float, **params: An
     except ConfigError as exc:  # a broken config is one failed check, not the end of the report
         file_values, error = {}, str(exc)
     settings = _effective(ctx, params, file_values=file_values)
-    listen = next(s.value for s in settings if s.option.key == "listen")
-    facts = gather_facts(home, listen=listen, config_path=path, config_error=error,
-                         config_keys=sorted(file_values), torch_timeout=torch_timeout)
+    value = {s.option.key: s.value for s in settings}
+    facts = gather_facts(home, listen=value["listen"], config_path=path, config_error=error,
+                         config_keys=sorted(file_values), torch_timeout=torch_timeout, gpu=value["gpu"])
     checks = evaluate(facts)
     if as_json:
         emit_json([c.to_dict() for c in checks])

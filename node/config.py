@@ -8,8 +8,8 @@ the environment variable ``HIVECELL_WORKER_TIMEOUT``. A value is taken from the 
 that sets it. The file is flat (top-level keys only) and strict: an unknown key, a value of the wrong type or one out
 of range is an error naming the file, the key and what was expected, so a typo never silently runs the defaults.
 
-Only options the daemon has today are here (GPU use is not: the Worker's GPU path is not configurable yet). A config
-written for a later version therefore fails loudly here instead of being half-applied.
+Only options the daemon has today are here. A config written for a later version therefore fails loudly here instead
+of being half-applied.
 
 This module is pure (no click, no trio, no libp2p) so that ``hivecell config show`` and ``hivecell doctor`` stay
 cheap; the CLI turns ``OPTIONS`` into flags and the result into a ``DaemonConfig``.
@@ -56,8 +56,8 @@ class Source(str, Enum):
 class Option:
     """One daemon option: its TOML key, type, range, default and the ``DaemonConfig`` field it sets.
 
-    ``kind`` is ``int``, ``float``, ``bool`` or ``list`` (of multiaddr strings, or of interface names or IPv4
-    addresses when ``item`` is ``"interface"``). ``default`` ``None`` means "not set": the daemon picks (for
+    ``kind`` is ``int``, ``float``, ``bool``, ``str`` (one of ``choices``) or ``list`` (of multiaddr strings, or of
+    interface names or IPv4 addresses when ``item`` is ``"interface"``). ``default`` ``None`` means "not set": the daemon picks (for
     ``worker_threads``: torch's own choice; for ``mdns_interfaces``: every non-loopback interface).
     """
 
@@ -71,6 +71,7 @@ class Option:
     item: str = "multiaddr"  # for lists: "multiaddr", "peer" (a multiaddr ending in /p2p/<id>) or "interface"
     empty_ok: bool = False  # for lists: may be empty
     flag_name: str | None = None  # a repeatable flag named in the singular (--mdns-interface) for a plural key
+    choices: tuple[str, ...] = ()  # for str: the values allowed
 
     @property
     def flag(self) -> str:
@@ -88,6 +89,8 @@ class Option:
             return "a list of multiaddr strings, e.g. [\"/ip4/0.0.0.0/tcp/4001\"]"
         if self.kind is bool:
             return "true or false"
+        if self.kind is str:
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
         what = "an integer" if self.kind is int else "a number"
         return f"{what} from {_num(self.lo)} to {_num(self.hi)}"
 
@@ -138,6 +141,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(key="lane_threshold", kind=int, default=1 << 20, lo=0, hi=1 << 31, field="lane_threshold",
            help="Results larger than this many bytes go by reference over the bulk lane to a scientist that has "
                 "one."),
+    Option(key="gpu", kind=str, default="auto", field="gpu", choices=("auto", "on", "off"),
+           help="Where the Worker trains: auto uses the first CUDA device torch sees (else the CPU); on requires one "
+                "(jobs fail with a clear error without it); off trains on the CPU."),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -277,6 +283,10 @@ def _check_value(option: Option, value: Any, origin: str) -> Any:
         if not isinstance(value, bool):
             raise bad()
         return value
+    if option.kind is str:
+        if not isinstance(value, str) or value not in option.choices:
+            raise bad()
+        return value
     # bool is an int in Python, and TOML's `true` must not pass for 1.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad()
@@ -340,6 +350,8 @@ def example_config() -> str:
             lines.append(f"# {option.key} = [{', '.join(_toml_str(v) for v in option.default)}]")
         elif option.kind is bool:
             lines.append(f"# {option.key} = {'true' if option.default else 'false'}")
+        elif option.kind is str:
+            lines.append(f"# {option.key} = {_toml_str(option.default)}")
         elif option.default is None:
             lines.append(f"# {option.key} = 4")
         else:

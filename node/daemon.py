@@ -79,6 +79,7 @@ class DaemonConfig:
     lane: bool = True  # a TLS listener for bulk transfers (off: blobs by reference go over libp2p streams)
     lane_port: int = 0  # its TCP port (0: any free one)
     lane_threshold: int = LANE_THRESHOLD  # results above this go by reference to a scientist that pulls blobs
+    gpu: str = "auto"  # where the Worker trains: auto (CUDA when torch sees it), on (required), off (CPU)
 
 
 def _status(job: dict[str, Any]) -> JobStatus:
@@ -382,7 +383,7 @@ class Daemon:
         record = await trio.to_thread.run_sync(
             lambda: complete_job(self.store, self.identity, job_id, weights=result.weights, metrics=result.metrics,
                                  timings=timings, policy=job["policy"]))
-        logger.info("job %s %s: %s", job_id, record["state"], result.metrics)
+        logger.info("job %s %s on %s: %s", job_id, record["state"], result.device, result.metrics)
 
     async def _fail(self, job_id: str, reason: str) -> None:
         def change(job: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +432,7 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
         loaded = await trio.to_thread.run_sync(load_index, store, index)
         lane_config = LaneConfig(listen_host=lane_listen_host(config.listen), port=config.lane_port, lane=config.lane,
                                  max_blob=min(MAX_BLOB_REF_BYTES, config.worker_memory_mb << 20))
-        async with open_worker_pool(warm=config.warm_workers) as pool, open_host(identity, config.listen) as host, \
+        async with open_worker_pool(warm=config.warm_workers, gpu=config.gpu) as pool, open_host(identity, config.listen) as host, \
                 open_lane(host, lane_config) as lane, trio.open_nursery() as nursery:
             daemon = Daemon(identity=identity, store=store, pool=pool, config=config, lane=lane,
                             offers=SharedOffers(lane, nursery))

@@ -145,6 +145,7 @@ class Facts:
     config_exists: bool
     config_error: str | None = None
     config_keys: tuple[str, ...] = ()
+    gpu: str = "auto"  # the effective `gpu` setting: where the Worker will train
     use_packaging: bool = True
     # the running daemon's readings of its peers' clocks (peers.json); None: no daemon runs, so none were taken
     peer_clocks: tuple[PeerClock, ...] | None = None
@@ -299,14 +300,15 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def check_torch(probe: TorchProbe, requirement: str | None = None, *, use_packaging: bool = True) -> list[Check]:
-    """torch as the Worker will see it, and whether CUDA is visible to it."""
+def check_torch(probe: TorchProbe, requirement: str | None = None, *, use_packaging: bool = True,
+                gpu: str = "auto") -> list[Check]:
+    """torch as the Worker will see it, whether CUDA is visible to it, and what the ``gpu`` setting makes of that."""
     if probe.error is not None or probe.version is None:
         return [
             Check("torch", Status.FAIL, f"the Worker cannot import torch: {probe.error or 'no version reported'}",
                   "on a Jetson use torch from the L4T base image or NVIDIA's Jetson wheels; elsewhere pip install "
                   "torch (the CPU build is enough)"),
-            Check("cuda", Status.WARN, "not checked: torch does not import"),
+            Check("cuda", Status.FAIL if gpu == "on" else Status.WARN, "not checked: torch does not import"),
         ]
     spec = ""
     if requirement:
@@ -318,14 +320,20 @@ def check_torch(probe: TorchProbe, requirement: str | None = None, *, use_packag
     else:
         torch_check = Check("torch", Status.OK, f"{probe.version} ({spec or 'any version'}) imports in a fresh "
                                                 "interpreter")
+    no_cuda_fix = ("on a Jetson: run on JetPack with torch from the L4T image or NVIDIA's wheels (a CPU wheel from PyPI "
+                   "has no CUDA); in Docker add --runtime nvidia")
     if probe.cuda:
         devices = ", ".join(probe.devices) or "a device"
-        cuda_check = Check("cuda", Status.OK, f"CUDA {probe.cuda_version or '?'} visible to torch: {devices} "
-                                              "(the Worker's GPU path is not built yet: jobs train on CPU)")
+        seen = f"CUDA {probe.cuda_version or '?'} visible to torch: {devices}"
+        if gpu == "off":
+            cuda_check = Check("cuda", Status.OK, f"{seen}; gpu = off: the Worker trains on CPU")
+        else:
+            cuda_check = Check("cuda", Status.OK, f"{seen}; the Worker trains on it (gpu = {gpu})")
+    elif gpu == "on":
+        cuda_check = Check("cuda", Status.FAIL, "gpu = on but torch sees no CUDA: every job would fail",
+                           no_cuda_fix + "; or set gpu = auto to train on CPU")
     else:
-        cuda_check = Check("cuda", Status.WARN, "no CUDA: the Worker trains on CPU",
-                           "on a Jetson: run on JetPack with torch from the L4T image or NVIDIA's wheels (a CPU "
-                           "wheel from PyPI has no CUDA); in Docker add --runtime nvidia")
+        cuda_check = Check("cuda", Status.WARN, "no CUDA: the Worker trains on CPU", no_cuda_fix)
     return [torch_check, cuda_check]
 
 
@@ -535,7 +543,7 @@ def evaluate(facts: Facts) -> list[Check]:
     return [
         check_python(facts.python),
         *check_packages(facts.requirements, facts.installed, use_packaging=facts.use_packaging),
-        *check_torch(facts.torch, torch_req, use_packaging=facts.use_packaging),
+        *check_torch(facts.torch, torch_req, use_packaging=facts.use_packaging, gpu=facts.gpu),
         check_config(facts.config_path, facts.config_exists, facts.config_error, facts.config_keys),
         check_home_mode(facts.home_path, facts.home_mode),
         check_key_mode(facts.key_path, facts.key_mode),
@@ -705,7 +713,7 @@ def _mode(path: Path) -> int | None:
 
 
 def gather_facts(home: Home, *, listen: Iterable[str], config_path: Path, config_error: str | None,
-                 config_keys: Iterable[str], torch_timeout: float = TORCH_PROBE_TIMEOUT_S) -> Facts:
+                 config_keys: Iterable[str], torch_timeout: float = TORCH_PROBE_TIMEOUT_S, gpu: str = "auto") -> Facts:
     """Read this machine. Starts one subprocess (the torch probe) and binds the listen ports; sends no traffic."""
     use_packaging = _packaging_available()
     requirements = _requirements()
@@ -730,6 +738,7 @@ def gather_facts(home: Home, *, listen: Iterable[str], config_path: Path, config
         config_exists=config_path.exists(),
         config_error=config_error,
         config_keys=tuple(config_keys),
+        gpu=gpu,
         use_packaging=use_packaging,
         peer_clocks=peer_clocks_of(home.peers_info() or {}) if running else None,
     )

@@ -5,13 +5,16 @@ Theory of operation
 The pool (``workerpool.py``) starts this module with pipes on stdin/stdout. Frames in both directions are a 4-byte
 big-endian length followed by one canonical msgpack map whose ``"t"`` field names the message::
 
-    worker -> pool  {"t": "ready", "pid": int, "startup_s": float, "isolation": {"network": str}}
+    worker -> pool  {"t": "ready", "pid": int, "startup_s": float, "isolation": {"network": str},
+                     "device": {"type": "cpu"|"cuda", "name": str, "memory_mb": int, "problem": str}}
+                    (name and memory_mb for cuda only; problem only when ``--gpu on`` found no CUDA)
     pool -> worker  {"t": "job", "job_id": str, "store_path": str, "data_key": str, "program": bytes,
                      "weights": bytes, "recipe": map, "limits": {"memory_mb": int, "cpu_s": int|None,
                      "threads": int|None}}
     worker -> pool  {"t": "accepted", "job_id": str}      (at once, before the job touches anything)
     worker -> pool  {"t": "progress", "epoch": int, "epochs": int, "loss": float, "seconds": float}   (per epoch)
-    worker -> pool  {"t": "result", "weights": bytes, "metrics": map, "timings": {"load_s", "train_s", "eval_s"}}
+    worker -> pool  {"t": "result", "weights": bytes, "metrics": map, "timings": {"load_s", "train_s", "eval_s"},
+                     "device": "cpu"|"cuda"}
                     (an evaluate job trains nothing: empty weights, no progress frames, no train_s)
     worker -> pool  {"t": "error", "code": "bad_plan"|"bad_data"|"memory"|"error", "message": str}
 
@@ -37,6 +40,17 @@ same federation would load again (:class:`_Kept`: the program, the dataset's row
 themselves but as copies), drops the rest of the finished job's objects and returns freed heap to the kernel
 (:func:`_release_memory`).
 
+Device
+------
+``--gpu auto|on|off`` (the pool passes the node's ``gpu`` setting) picks where jobs train. ``auto`` uses the first
+CUDA device when torch sees one, ``off`` never does, ``on`` requires one: without it every job fails with a message
+that says so (the worker still starts, so the pool does not spin restarting it). The CUDA context is created at start,
+like the imports: it costs seconds, and its mappings must exist before a job's ``RLIMIT_DATA`` (host memory) is set.
+A job's ``memory_mb`` also caps the CUDA caching allocator (``set_per_process_memory_fraction``; on a Jetson the GPU
+allocates from the same RAM). The dataset's rows are copied to the device once and kept there between a federation's
+rounds. A program that cannot run on the device (a graph that pins a tensor to the CPU) falls back to the CPU for its
+jobs; the result frame says where each job ran, and the weights always come back as CPU tensors.
+
 The real stdout descriptor is kept for frames only; fd 1 and ``sys.stdout`` point at stderr so a stray ``print`` in a
 library cannot corrupt the stream. Nothing derived from the data other than the trained weights and aggregate metrics
 is ever written to the frame stream; error messages are fixed strings.
@@ -57,7 +71,7 @@ from typing import Any, NoReturn
 
 from hivecell.crypto.canonical import CanonicalError, canonical_packb, strict_unpackb
 
-__all__ = ["main", "JOB_FRAME_CAP", "ERROR_CODES"]
+__all__ = ["main", "ERROR_CODES", "GPU_CHOICES", "JOB_FRAME_CAP"]
 
 JOB_FRAME_CAP = (64 << 20) + (1 << 30) + (1 << 20)  # program cap + weights cap + room for the rest
 ERROR_CODES = ("bad_plan", "bad_data", "memory", "error")
@@ -115,6 +129,65 @@ class _Channel:
         while data:
             written = os.write(self._write_fd, data)
             data = data[written:]
+
+
+# -- device -----------------------------------------------------------------------------------------------------------
+
+GPU_CHOICES = ("auto", "on", "off")
+
+
+class _Device:
+    """Where this worker's jobs run; set once at start by :func:`_pick_device`."""
+
+    def __init__(self) -> None:
+        self.torch_device: Any = None  # torch.device("cpu") or torch.device("cuda", 0)
+        self.report: dict[str, Any] = {"type": "cpu"}  # for the ready frame
+        self.problem: str | None = None  # --gpu on without CUDA: every job fails with this
+
+
+_device = _Device()
+
+
+def _parse_gpu(argv: list[str]) -> str:
+    """The ``--gpu`` choice from the worker's command line (default ``auto``)."""
+    gpu = "auto"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--gpu="):
+            gpu = arg.split("=", 1)[1]
+        elif arg == "--gpu" and i + 1 < len(argv):
+            gpu = argv[i + 1]
+    if gpu not in GPU_CHOICES:
+        sys.stderr.write(f"worker: --gpu must be one of {', '.join(GPU_CHOICES)}, got {gpu!r}\n")
+        os._exit(2)
+    return gpu
+
+
+def _pick_device(gpu: str) -> None:
+    """Choose the device (see the module docstring) and, for CUDA, create its context now."""
+    import torch
+
+    _device.torch_device, _device.report, _device.problem = torch.device("cpu"), {"type": "cpu"}, None
+    if gpu == "off":
+        return
+    try:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", 0)
+            torch.zeros(1, device=device)  # the context: seconds, before any job's clock and limits
+            props = torch.cuda.get_device_properties(device)
+            _device.torch_device = device
+            _device.report = {"type": "cuda", "name": str(props.name)[:100], "memory_mb": int(props.total_memory >> 20)}
+            return
+        why = "torch sees no CUDA device"
+    except Exception as exc:  # noqa: BLE001 - a broken driver or a CUDA-less torch build
+        why = f"CUDA did not start ({type(exc).__name__})"
+        traceback.print_exc(file=sys.stderr)
+    if gpu == "on":
+        _device.problem = f"this node requires a GPU (gpu = on) but {why}"
+        _device.report = {"type": "cpu", "problem": _device.problem}
+
+
+def _on_cuda(device: Any) -> bool:
+    return device is not None and device.type == "cuda"
 
 
 # -- isolation --------------------------------------------------------------------------------------------------------
@@ -178,6 +251,9 @@ def _apply_limits(limits: dict[str, Any]) -> dict[str, Any]:
             raise JobError("error", "bad thread limit")
         torch.set_num_threads(threads)
         applied["threads"] = threads
+    if memory_mb is not None and _on_cuda(_device.torch_device):  # the caching allocator's share of the device
+        total_mb = _device.report.get("memory_mb") or memory_mb
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_mb / total_mb), _device.torch_device)
     return applied
 
 
@@ -274,7 +350,7 @@ def _run_sgd(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimize
     anchor = [p.detach().clone() for p in params] if mu else []
     for epoch in range(1, recipe.epochs + 1):
         epoch_start = time.monotonic()
-        order = torch.randperm(n_train, generator=shuffle)
+        order = torch.randperm(n_train, generator=shuffle).to(x_train.device)
         total, seen = 0.0, 0
         for start in range(0, n_train, recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
@@ -806,13 +882,13 @@ def _run_dp(channel: _Channel, recipe: Any, module: Any, loss_fn: Any, optimizer
         epoch_start = time.monotonic()
         total, seen = 0.0, 0
         for _ in range(steps_per_epoch):
-            batch = (torch.rand(n_train, generator=secret) < plan.sample_rate).nonzero().squeeze(1)
+            batch = (torch.rand(n_train, generator=secret) < plan.sample_rate).nonzero().squeeze(1).to(x_train.device)
             summed, losses = clipped_grad_sum(module, loss_fn, x_train[batch], y_train[batch], plan.clip_norm,
                                               grad_fn=grad_fn)
             if losses.numel() and not torch.isfinite(losses).all():
                 raise JobError("error", "training diverged (non-finite loss)")
             for name, p in params.items():
-                noise = torch.normal(0.0, std, size=p.shape, generator=secret, dtype=p.dtype)
+                noise = torch.normal(0.0, std, size=p.shape, generator=secret, dtype=p.dtype).to(p.device)
                 p.grad = (summed[name] + noise) / plan.expected_batch_size
             optimizer.step()
             total += float(losses.sum())
@@ -843,9 +919,10 @@ class _Kept:
         self.data: tuple[Any, Any] | None = None
         self.checked = False  # the kept program was checked against the kept rows (input shape, classes)
         self.n_classes: int | None = None  # what that check found
+        self.device: Any = None  # where the kept program runs: the worker's device, or the CPU it fell back to
 
     def forget_program(self) -> None:
-        self.program_hash = self.module = self.eval_module = self.n_classes = None
+        self.program_hash = self.module = self.eval_module = self.n_classes = self.device = None
         self.checked = False
 
 
@@ -867,8 +944,27 @@ def _module_for(job: dict[str, Any]) -> tuple[Any, bool]:
         module = load_program(job["program"], job["weights"])
     except PlanError as exc:
         raise JobError("bad_plan", exc.message) from None
-    _kept.program_hash, _kept.module = digest, module
+    if _on_cuda(_device.torch_device):
+        module.to(_device.torch_device)
+    _kept.program_hash, _kept.module, _kept.device = digest, module, _device.torch_device
     return module, False
+
+
+def _fall_back_unless_it_runs(module: Any, features: Any) -> None:
+    """Run the kept program once on one row on the worker's GPU; a program that cannot (its graph pins a tensor to
+    the CPU) is moved to the CPU, where it and later rounds of it run. Out of memory is the job's failure."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            _eval_module(module)(features[:1].clone())
+        return
+    except RuntimeError as exc:
+        if _is_out_of_memory(exc):
+            raise
+        print(f"worker: the program does not run on {features.device}: {exc}; its jobs run on the CPU", file=sys.stderr)
+    module.to("cpu")
+    _kept.eval_module, _kept.device = None, torch.device("cpu")
 
 
 def _eval_module(module: Any) -> Any:
@@ -891,6 +987,8 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     from hivecell.node.plan import PlanError, program_input_shape, validate_recipe
     from hivecell.node.privacy import dp_plan
 
+    if _device.problem:
+        raise JobError("error", _device.problem)
     limits = job.get("limits")
     if not isinstance(limits, dict):
         raise JobError("error", "malformed job")
@@ -910,8 +1008,10 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     if _kept.data_id != data_id:
         _kept.data_id = _kept.data = _kept.n_classes = None
         _kept.checked = False
-        _kept.data = _load_dataset(job["store_path"], job["data_key"], recipe.task)
-        _kept.data_id = data_id
+        features, labels = _load_dataset(job["store_path"], job["data_key"], recipe.task)
+        if _on_cuda(_device.torch_device):  # once per dataset: a federation's later rounds find the rows there
+            features, labels = features.to(_device.torch_device), labels.to(_device.torch_device)
+        _kept.data, _kept.data_id = (features, labels), data_id
     features, labels = _kept.data
     _set_limit(resource.RLIMIT_FSIZE, 0)  # from here on the job has no file to write
     module, kept = _module_for(job)
@@ -925,6 +1025,10 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
         sample_shape = tuple(features.shape[1:])
         if len(expected) != len(sample_shape) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
             raise JobError("bad_data", "the model's input shape does not match the dataset's sample shape")
+        if _on_cuda(_kept.device):
+            _fall_back_unless_it_runs(module, features)
+    if features.device != _kept.device:  # a program that fell back to the CPU: this job's copy of the rows
+        features, labels = features.to(_kept.device), labels.to(_kept.device)
     received = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     n_classes = _kept.n_classes if checked else None
     if recipe.task == "classification" and not checked:
@@ -969,7 +1073,7 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     if {name: tuple(t.shape) for name, t in state.items()} != received:  # pragma: no cover - a torch regression
         raise JobError("error", "trained weights lost their names")
     return {"t": "result", "weights": save(state), "metrics": metrics,
-            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s}}
+            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s}, "device": _kept.device.type}
 
 
 def _evaluate_trained(recipe: Any, module: Any, loss_fn: Any, features: Any, labels: Any, train_idx: Any,
@@ -1054,6 +1158,8 @@ def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classe
             x = features[start : start + recipe.batch_size].clone()
             y = labels[start : start + recipe.batch_size].clone()
             output = evaluator(x)
+            if output.device.type != "cpu":  # the counts below are kept on the CPU
+                output, y = output.cpu(), y.cpu()
             losses = _example_losses(recipe, output, y, n_classes).to(torch.float64)
             if plan is not None:  # each example adds at most 1: a NaN or inf counts as max_loss
                 bound = plan.max_loss
@@ -1099,7 +1205,7 @@ def _run_evaluate(recipe: Any, module: Any, features: Any, labels: Any, n_classe
         metrics.update(epsilon=plan.epsilon, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
                        max_loss=plan.max_loss)
     return {"t": "result", "weights": b"", "metrics": metrics,
-            "timings": {"load_s": load_s, "eval_s": time.monotonic() - t0}}
+            "timings": {"load_s": load_s, "eval_s": time.monotonic() - t0}, "device": features.device.type}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -1113,6 +1219,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def main() -> NoReturn:
     started = time.time()
+    gpu = _parse_gpu(sys.argv[1:])
     frame_fd = os.dup(1)  # frames only; fd 1 and sys.stdout now go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -1136,6 +1243,7 @@ def main() -> NoReturn:
     import hivecell.node.store  # noqa: F401
 
     tempfile.gettempdir()
+    _pick_device(gpu)
     import gc
 
     gc.collect()
@@ -1147,7 +1255,8 @@ def main() -> NoReturn:
         startup_s = time.time() - psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - psutil is a nicety here
         startup_s = time.time() - started
-    channel.send({"t": "ready", "pid": os.getpid(), "startup_s": startup_s, "isolation": {"network": network}})
+    channel.send({"t": "ready", "pid": os.getpid(), "startup_s": startup_s, "isolation": {"network": network},
+                  "device": _device.report})
 
     while True:  # one job per frame until EOF; a failed job ends the process (_fail exits)
         try:

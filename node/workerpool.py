@@ -161,6 +161,7 @@ class WorkerResult:
     metrics: dict[str, Any]
     timings: dict[str, float]
     worker_pid: int = 0
+    device: str = "cpu"  # where the job ran: "cpu" or "cuda"
 
 
 class _NotAccepted(Exception):
@@ -255,8 +256,10 @@ class WorkerPool:
     """
 
     def __init__(self, nursery: trio.Nursery, *, warm: int, python: str, max_frame: int, start_timeout: float,
-                 reuse_idle_s: float, max_parked: int, max_jobs_per_worker: int) -> None:
+                 reuse_idle_s: float, max_parked: int, max_jobs_per_worker: int, gpu: str = "auto") -> None:
         self._nursery = nursery
+        self._gpu = gpu
+        self.device: dict[str, Any] | None = None  # what the last worker to start reported (see worker.py)
         self._warm = warm
         self._python = python
         self._max_frame = max_frame
@@ -280,7 +283,7 @@ class WorkerPool:
         t0 = time.monotonic()
         try:
             w.process = await trio.lowlevel.open_process(
-                [self._python, "-m", "hivecell.node.worker"],
+                [self._python, "-m", "hivecell.node.worker", "--gpu", self._gpu],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -306,6 +309,7 @@ class WorkerPool:
                 isolation = ready.get("isolation")
                 w.isolation = isolation if isinstance(isolation, dict) else {}
                 logger.debug("worker %d ready in %.2fs (%s)", w.process.pid, w.startup_s, w.isolation)
+                self._note_device(ready.get("device"))
                 w.ready = True
                 self._notify_spares()
                 task_status.started(w)
@@ -327,6 +331,20 @@ class WorkerPool:
                 self._failures += 1
                 self._wake.set()
                 self._notify_spares()
+
+    def _note_device(self, report: object) -> None:
+        """Log where jobs will train, once, and again if it changes (a driver that broke or came back)."""
+        report = {k: v for k, v in report.items() if isinstance(k, str)} if isinstance(report, dict) else {}
+        if report == self.device:
+            return
+        self.device = report
+        if report.get("problem"):
+            logger.warning("Worker: %s; jobs fail until it is fixed (or set gpu = auto)", _safe_text(report["problem"]))
+        elif report.get("type") == "cuda":
+            logger.info("Worker: jobs train on CUDA (%s, %s MiB)", _safe_text(report.get("name")),
+                        report.get("memory_mb"))
+        else:
+            logger.info("Worker: jobs train on the CPU (gpu = %s)", self._gpu)
 
     async def _drain_stderr(self, w: _Worker) -> None:
         assert w.process is not None and w.process.stderr is not None
@@ -608,7 +626,9 @@ class WorkerPool:
                 clean["worker_wait_s"] = wait_s
                 clean["worker_start_s"] = 0.0 if reused else w.startup_s
                 clean["worker_reused"] = 1.0 if reused else 0.0
-                return WorkerResult(weights=weights, metrics=metrics, timings=clean, worker_pid=w.process.pid)
+                device = "cuda" if outcome.get("device") == "cuda" else "cpu"
+                return WorkerResult(weights=weights, metrics=metrics, timings=clean, worker_pid=w.process.pid,
+                                    device=device)
         if returncode == -signal.SIGXCPU:  # the worker's soft RLIMIT_CPU
             raise WorkerFailed("timeout", "the job ran past its CPU-time limit")
         logger.info("worker %d crashed (exit %s, %s); stderr tail:\n%s", w.process.pid, returncode, kind,
@@ -634,7 +654,7 @@ def _safe_text(value: object) -> str:
 @asynccontextmanager
 async def open_worker_pool(
     *, warm: int = 1, python: str = sys.executable, max_frame: int = 1 << 30, start_timeout: float = 120.0,
-    reuse_idle_s: float = 60.0, max_parked: int = 4, max_jobs_per_worker: int = 1000,
+    reuse_idle_s: float = 60.0, max_parked: int = 4, max_jobs_per_worker: int = 1000, gpu: str = "auto",
 ) -> AsyncIterator[WorkerPool]:
     """Open a pool that keeps ``warm`` ready spares; every worker is killed and reaped when the block exits.
 
@@ -646,6 +666,7 @@ async def open_worker_pool(
         reuse_idle_s: how long a worker parked for a ``reuse_key`` waits for its next job before it is killed.
         max_parked: how many parked workers to hold at most, the oldest going first (0: no reuse).
         max_jobs_per_worker: a worker that has run this many jobs exits instead of being parked again.
+        gpu: ``auto`` (CUDA when torch sees it), ``on`` (required: jobs fail without it) or ``off`` (CPU only).
 
     Raises:
         ValueError: an argument is out of range.
@@ -654,9 +675,12 @@ async def open_worker_pool(
         raise ValueError("warm must be >= 0")
     if not reuse_idle_s > 0 or max_parked < 0 or max_jobs_per_worker < 1:
         raise ValueError("reuse_idle_s must be > 0, max_parked >= 0 and max_jobs_per_worker >= 1")
+    if gpu not in ("auto", "on", "off"):
+        raise ValueError(f"gpu must be auto, on or off, not {gpu!r}")
     async with trio.open_nursery() as nursery:
         pool = WorkerPool(nursery, warm=warm, python=python, max_frame=max_frame, start_timeout=start_timeout,
-                          reuse_idle_s=reuse_idle_s, max_parked=max_parked, max_jobs_per_worker=max_jobs_per_worker)
+                          reuse_idle_s=reuse_idle_s, max_parked=max_parked, max_jobs_per_worker=max_jobs_per_worker,
+                          gpu=gpu)
         nursery.start_soon(pool._expire_parked)
         if warm:
             nursery.start_soon(pool._keep_spares)

@@ -54,7 +54,7 @@ def test_names_agree_everywhere():
     assert [o.key for o in OPTIONS] == ["listen", "warm_workers", "max_jobs", "worker_timeout", "worker_memory_mb",
                                         "worker_threads", "max_queued_per_peer", "max_attempts", "mdns",
                                         "mdns_interfaces", "bootstrap", "index", "advert_ttl", "lane", "lane_port",
-                                        "lane_threshold"]
+                                        "lane_threshold", "gpu"]
 
 
 def test_missing_file_is_an_empty_config(tmp_path):
@@ -71,9 +71,12 @@ def test_a_valid_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("use_gpu = true\n", ["unknown key 'use_gpu'", "known keys: listen"]),
+    ("frobnicate = true\n", ["unknown key 'frobnicate'", "known keys: listen"]),
+    ("use_gpu = true\n", ["unknown key 'use_gpu'", "did you mean 'gpu'"]),
     ("mdns_interfaces = ['eth 0']\n", ["mdns_interfaces", "not an interface name or an IPv4 address"]),
     ("mdns = 1\n", ["mdns must be true or false", "got 1"]),
+    ("gpu = true\n", ['gpu must be one of "auto", "on", "off"', "got True"]),
+    ("gpu = 'cuda'\n", ['gpu must be one of "auto", "on", "off"', "got 'cuda'"]),
     ("bootstrap = ['/ip4/10.0.0.1/tcp/4001']\n", ["bootstrap", "names no peer", "/p2p/<peer id>"]),
     ("max_job = 2\n", ["unknown key 'max_job'", "did you mean 'max_jobs'"]),
     ("[daemon]\nmax_jobs = 2\n", ["unknown key 'daemon'"]),
@@ -135,7 +138,7 @@ def test_precedence_flag_env_file_default():
     kwargs = cfg.daemon_kwargs(list(settings.values()))
     assert kwargs["max_concurrent_jobs"] == 4 and kwargs["listen"] == ["/ip4/1.2.3.4/tcp/1"]
     with pytest.raises(KeyError):
-        resolve({"gpu": (True, Source.FLAG)}, {})
+        resolve({"use_gpu": (True, Source.FLAG)}, {})
 
 
 def test_example_config_changes_nothing(tmp_path):
@@ -159,7 +162,7 @@ def test_config_show_sources(tmp_path):
     home = tmp_path / "home"
     hc(home, "init")
     (home / "config.toml").write_text("max_jobs = 3\nwarm_workers = 3\nmax_attempts = 5\n")
-    out = json.loads(hc(home, "config", "show", "--json", "--max-jobs", "4", env={
+    out = json.loads(hc(home, "config", "show", "--json", "--max-jobs", "4", "--gpu", "off", env={
         "HIVECELL_WARM_WORKERS": "2", "HIVECELL_LISTEN": " /ip4/127.0.0.1/tcp/4001 ,/ip4/127.0.0.1/tcp/0,"}).stdout)
     assert out["file"] == str(home / "config.toml") and out["file_exists"]
     got = {k: (v["value"], v["source"]) for k, v in out["options"].items()}
@@ -170,7 +173,7 @@ def test_config_show_sources(tmp_path):
         "worker_threads": (None, "default"), "max_queued_per_peer": (16, "default"),
         "mdns": (False, "env"), "mdns_interfaces": (None, "default"), "bootstrap": ([], "default"),
         "index": (True, "default"), "advert_ttl": (3600.0, "default"), "lane": (True, "default"),
-        "lane_port": (0, "default"), "lane_threshold": (1 << 20, "default"),
+        "lane_port": (0, "default"), "lane_threshold": (1 << 20, "default"), "gpu": ("off", "flag"),
     }
     assert out["options"]["max_jobs"]["env"] == "HIVECELL_MAX_JOBS" and out["options"]["max_jobs"]["flag"] == \
         "--max-jobs"
@@ -200,6 +203,7 @@ def test_bad_config_file_exits_bad_input(tmp_path, command):
 @pytest.mark.parametrize("env, flag", [
     ({"HIVECELL_MAX_JOBS": "many"}, "HIVECELL_MAX_JOBS"),
     ({"HIVECELL_WARM_WORKERS": "9"}, "HIVECELL_WARM_WORKERS"),
+    ({"HIVECELL_GPU": "yes"}, "HIVECELL_GPU"),
     ({"HIVECELL_LISTEN": "/ip4/0.0.0.0/tcp/1,nonsense"}, "HIVECELL_LISTEN"),
 ])
 def test_bad_env_is_a_usage_error(tmp_path, env, flag):

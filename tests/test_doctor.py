@@ -117,6 +117,16 @@ def test_torch_on_a_jetson():
     torch, cuda = check_torch(probe, "torch>=2.5.0a0")
     assert torch.status is Status.OK
     assert cuda.status is Status.OK and "CUDA 12.6" in cuda.detail and "Orin" in cuda.detail
+    assert "the Worker trains on it (gpu = auto)" in cuda.detail
+    _, off = check_torch(probe, "torch>=2.5.0a0", gpu="off")
+    assert off.status is Status.OK and "gpu = off: the Worker trains on CPU" in off.detail
+
+
+def test_gpu_on_without_cuda_fails():
+    _, cuda = check_torch(TorchProbe(version="2.13.0+cpu", cuda=False), "torch>=2.5.0a0", gpu="on")
+    assert cuda.status is Status.FAIL and "every job would fail" in cuda.detail and "gpu = auto" in cuda.fix
+    _, broken = check_torch(TorchProbe(error="ImportError: libcudart.so"), gpu="on")
+    assert broken.status is Status.FAIL
 
 
 def test_torch_too_old():
@@ -387,8 +397,12 @@ def test_doctor_reports_a_bad_config_and_a_taken_port(tmp_path):
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        checks, code = doctor_json(home, env={"HIVECELL_LISTEN": f"/ip4/127.0.0.1/tcp/{port}"})
+        checks, code = doctor_json(home, env={"HIVECELL_LISTEN": f"/ip4/127.0.0.1/tcp/{port}", "HIVECELL_GPU": "on"})
     assert code == 1
+    import torch
+
+    if not torch.cuda.is_available():  # gpu = on (from the environment) needs CUDA, and this box has none
+        assert checks["cuda"]["status"] == "fail" and "gpu = on" in checks["cuda"]["detail"]
     assert checks["config"]["status"] == "fail" and "max_jobs must be an integer" in checks["config"]["detail"]
     assert checks[f"listen /ip4/127.0.0.1/tcp/{port}"]["status"] == "fail"
     assert checks["node key"]["status"] == "warn" and checks["node key"]["fix"] == "hivecell init"

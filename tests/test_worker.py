@@ -52,6 +52,8 @@ async def test_train_digits_with_warm_spares(digits_store: tuple[Path, str], dig
         assert result.metrics["eval_samples"] == 359 and result.metrics["train_samples"] == 1797 - 359
         assert set(result.timings) >= {"load_s", "train_s", "eval_s", "worker_wait_s", "worker_start_s"}
         apply_weights(DigitsCNN(), result.weights)  # same FQNs as the scientist's module
+        if not torch.cuda.is_available():  # gpu = auto, the default, on a box without CUDA
+            assert result.device == "cpu" and pool.device == {"type": "cpu"}
 
         # The first job claimed the spare and the pool started a replacement at once: once that one is ready, the
         # next job gets it without paying the interpreter + torch start-up.
@@ -124,3 +126,30 @@ async def test_cold_workers_and_failures(digits_store: tuple[Path, str], digits_
         assert failure.code == name, (name, failure.code, failure.reason)
     assert "from_file" in outcomes["bad_plan"].reason
     assert _worker_children() == []  # every worker, the timed-out one included, was killed and reaped
+
+
+def test_worker_refuses_an_unknown_gpu_choice() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hivecell.node.worker", "--gpu", "maybe"], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert proc.returncode == 2 and "--gpu must be one of auto, on, off" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this box has CUDA: gpu = on is satisfied here")
+async def test_gpu_on_without_cuda_fails_jobs_with_a_clear_error(digits_store: tuple[Path, str],
+                                                                 digits_plan: Plan) -> None:
+    """gpu = on is a requirement: on a box where torch sees no CUDA the worker still starts (so the pool does not
+    spin restarting it), says why in its ready frame, and fails every job with that reason rather than quietly
+    training on the CPU."""
+    quick = {**digits_plan.recipe, "epochs": 1}
+    async with open_worker_pool(warm=0, gpu="on") as pool:
+        with pytest.raises(WorkerFailed) as info:
+            await pool.run_job(_job(digits_store, digits_plan, recipe=quick), limits=WorkerLimits(wall_s=120))
+        assert info.value.code == "error"
+        assert "requires a GPU (gpu = on) but torch sees no CUDA device" in info.value.reason
+        assert pool.device["type"] == "cpu" and "gpu = on" in pool.device["problem"]
+    with pytest.raises(ValueError, match="gpu must be auto, on or off"):
+        async with open_worker_pool(warm=0, gpu="yes"):
+            pass
