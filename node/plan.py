@@ -821,7 +821,6 @@ def build_plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Mapp
     """
     import torch
     from safetensors.torch import save
-    from torch._export.serde.serialize import serialize
 
     normalized = validate_recipe(recipe or {}).to_dict()
     was_training = model.training
@@ -833,12 +832,29 @@ def build_plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Mapp
         model.train(was_training)
     if ep.constants:
         raise _bad_plan("the model has tensor constants or non-persistent buffers; register them as buffers")
-    artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
-    program = audit_program(artifact.exported_program)
+    program = audit_program(_serialize_graph(ep))
     state = {k: v.detach().contiguous().cpu() for k, v in ep.state_dict.items()}
     weights = save(state)
     audit_weights(weights)
     return Plan(program=program, weights=weights, recipe=normalized)
+
+
+def _serialize_graph(ep: Any) -> bytes:
+    """The JSON graph of an exported program, without its state dict (the weights travel as safetensors).
+
+    torch 2.13 can skip pickling the state dict, constants and example inputs; older torch (2.5 on JetPack 6, 2.11)
+    always pickles them alongside. That happens here, on the scientist's own model, and those bytes are dropped:
+    only the JSON graph is kept.
+    """
+    import inspect
+
+    from torch._export.serde.serialize import serialize
+
+    if "serialize_state_dict" in inspect.signature(serialize).parameters:
+        artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    else:
+        artifact = serialize(ep)
+    return artifact.exported_program
 
 
 def load_weights(data: bytes) -> dict[str, torch.Tensor]:
@@ -904,6 +920,8 @@ def load_program(program: bytes, weights: bytes, *, max_program: int = 64 << 20,
         raise _bad_plan("weights do not match the program's parameters and buffers")
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, doc)
+    except MemoryError:
+        raise
     except Exception:  # noqa: BLE001 - any failure to fit the schema is a bad plan
         raise _bad_plan("program does not fit the export schema") from None
     tensors = load(bytes(weights))
@@ -913,6 +931,8 @@ def load_program(program: bytes, weights: bytes, *, max_program: int = 64 << 20,
     }
     try:
         ep = ExportedProgramDeserializer().deserialize(serialized, state, {}, None)
+    except MemoryError:
+        raise  # the job's memory limit, not a bad plan
     except Exception:  # noqa: BLE001
         raise _bad_plan("program could not be deserialized") from None
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -922,6 +942,8 @@ def load_program(program: bytes, weights: bytes, *, max_program: int = 64 << 20,
         _check_placeholder(placeholders.get(name), state[spec_target])
     try:
         return ep.module()
+    except MemoryError:
+        raise
     except Exception:  # noqa: BLE001
         raise _bad_plan("program could not be turned into a module") from None
 
