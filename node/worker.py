@@ -6,8 +6,10 @@ The pool (``workerpool.py``) starts this module with pipes on stdin/stdout. Fram
 big-endian length followed by one canonical msgpack map whose ``"t"`` field names the message::
 
     worker -> pool  {"t": "ready", "pid": int, "startup_s": float, "isolation": {"network": str},
-                     "device": {"type": "cpu"|"cuda", "name": str, "memory_mb": int, "problem": str}}
-                    (name and memory_mb for cuda only; problem only when ``--gpu on`` found no CUDA)
+                     "device": {"type": "cpu"|"cuda", "name": str, "memory_mb": int, "context_mb": int,
+                                "problem": str}}
+                    (name, memory_mb and context_mb, the CUDA context's host RSS, for cuda only; problem only
+                    when ``--gpu on`` found no CUDA)
     pool -> worker  {"t": "job", "job_id": str, "store_path": str, "data_key": str, "program": bytes,
                      "weights": bytes, "recipe": map, "limits": {"memory_mb": int, "cpu_s": int|None,
                      "threads": int|None}}
@@ -47,8 +49,10 @@ CUDA device when torch sees one, ``off`` never does, ``on`` requires one: withou
 that says so (the worker still starts, so the pool does not spin restarting it). The CUDA context is created at start,
 like the imports: it costs seconds, and its mappings must exist before a job's ``RLIMIT_DATA`` (host memory) is set.
 A job's ``memory_mb`` also caps the CUDA caching allocator (``set_per_process_memory_fraction``; on a Jetson the GPU
-allocates from the same RAM). The dataset's rows are copied to the device once and kept there between a federation's
-rounds. A program that cannot run on the device (a graph that pins a tensor to the CPU) falls back to the CPU for its
+allocates from the same RAM); the host memory CUDA's libraries and context hold before the job are not counted
+against it. The dataset's rows are copied to the device once and kept there between a federation's
+rounds. On CUDA the worker asks torch for deterministic kernels (where it has them), so a seeded job computes the same
+weights on every run, as it does on the CPU. A program that cannot run on the device (a graph that pins a tensor to the CPU) falls back to the CPU for its
 jobs; the result frame says where each job ran, and the weights always come back as CPU tensors.
 
 The real stdout descriptor is kept for frames only; fd 1 and ``sys.stdout`` point at stderr so a stray ``print`` in a
@@ -172,10 +176,26 @@ def _pick_device(gpu: str) -> None:
     try:
         if torch.cuda.is_available():
             device = torch.device("cuda", 0)
-            torch.zeros(1, device=device)  # the context: seconds, before any job's clock and limits
+            # A seeded job computes the same weights on every run, as on the CPU (a federation's reused worker and a
+            # fresh one agree; a result can be re-checked): deterministic kernels where torch has them. cuBLAS reads
+            # its workspace setting when it starts, at the first matrix product, so it is set before any.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            rss = _vm_bytes("VmRSS")
+            # The context, and cuBLAS and cuDNN (which start lazily, at the first product and convolution): seconds
+            # and host memory, spent here before any job's clock and limits rather than in a federation's first round.
+            x = torch.ones(2, 1, 8, 8, device=device, requires_grad=True)
+            kernel = torch.ones(4, 1, 3, 3, device=device, requires_grad=True)
+            out = torch.nn.functional.conv2d(x, kernel, padding=1).flatten(1) @ torch.ones(256, 2, device=device)
+            out.sum().backward()
+            torch.cuda.synchronize(device)
             props = torch.cuda.get_device_properties(device)
             _device.torch_device = device
-            _device.report = {"type": "cuda", "name": str(props.name)[:100], "memory_mb": int(props.total_memory >> 20)}
+            # That host memory is the node's, not the job's: the pool's RSS watch adds context_mb to a job's
+            # memory_mb, and _apply_limits sets RLIMIT_DATA above what the worker holds when the job starts.
+            _device.report = {"type": "cuda", "name": str(props.name)[:100], "memory_mb": int(props.total_memory >> 20),
+                              "context_mb": max(0, _vm_bytes("VmRSS") - rss) >> 20}
             return
         why = "torch sees no CUDA device"
     except Exception as exc:  # noqa: BLE001 - a broken driver or a CUDA-less torch build
@@ -184,6 +204,18 @@ def _pick_device(gpu: str) -> None:
     if gpu == "on":
         _device.problem = f"this node requires a GPU (gpu = on) but {why}"
         _device.report = {"type": "cpu", "problem": _device.problem}
+
+
+def _vm_bytes(field: str) -> int:
+    """A ``Vm*`` line of ``/proc/self/status`` in bytes; 0 where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _on_cuda(device: Any) -> bool:
@@ -237,7 +269,10 @@ def _apply_limits(limits: dict[str, Any]) -> dict[str, Any]:
     if memory_mb is not None:
         if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 64:
             raise JobError("error", "bad memory limit")
-        _set_limit(resource.RLIMIT_DATA, memory_mb << 20)
+        # On CUDA the limit is what the job may add: the libraries and the context already hold private mappings
+        # (hundreds of MB to GBs, by driver) that a CPU worker does not have.
+        base = _vm_bytes("VmData") if _on_cuda(_device.torch_device) else 0
+        _set_limit(resource.RLIMIT_DATA, base + (memory_mb << 20))
         applied["memory_mb"] = memory_mb
     if cpu_s is not None:
         if isinstance(cpu_s, bool) or not isinstance(cpu_s, int) or cpu_s < 1:

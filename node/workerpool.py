@@ -217,6 +217,7 @@ class _Worker:
     startup_s: float = math.nan
     ready_at: float = math.nan
     isolation: dict[str, Any] = field(default_factory=dict)
+    context_mb: int = 0  # host RSS of its CUDA context, which a job's memory limit does not count
     stderr_tail: deque[bytes] = field(default_factory=deque)
     killed_for: str | None = None
     exited: trio.Event = field(default_factory=trio.Event)
@@ -310,6 +311,7 @@ class WorkerPool:
                 w.isolation = isolation if isinstance(isolation, dict) else {}
                 logger.debug("worker %d ready in %.2fs (%s)", w.process.pid, w.startup_s, w.isolation)
                 self._note_device(ready.get("device"))
+                w.context_mb = _context_mb(ready.get("device"))
                 w.ready = True
                 self._notify_spares()
                 task_status.started(w)
@@ -521,7 +523,7 @@ class WorkerPool:
         try:
             with trio.fail_after(limits.wall_s):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_memory, w, limits.memory_mb)
+                    nursery.start_soon(self._watch_memory, w, limits.memory_mb + w.context_mb)
                     body = canonical_packb(message)
                     try:
                         await w.process.stdin.send_all(_HEADER.pack(len(body)) + body)
@@ -642,6 +644,12 @@ async def _close_pipes(process: trio.Process) -> None:
     for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
             await stream.aclose()
+
+
+def _context_mb(report: object) -> int:
+    """The CUDA context's host RSS from a ready frame's device report; 0 when absent or not a sane number."""
+    value = report.get("context_mb") if isinstance(report, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64 << 10 else 0
 
 
 def _safe_text(value: object) -> str:

@@ -58,3 +58,14 @@ async def test_jobs_train_on_the_gpu(digits_store: tuple[Path, str]) -> None:
         evaluate = build_plan(DigitsCNN(), digits_example_input(), evaluate.recipe)
         scored = await pool.run_job(_job(digits_store, evaluate, "gpu-eval"), limits=limits)
         assert scored.device == "cuda" and 0.0 <= scored.metrics["accuracy"] <= 1.0
+
+
+async def test_a_jobs_memory_limit_does_not_count_the_cuda_context(digits_store: tuple[Path, str]) -> None:
+    """The CUDA context maps host memory of its own (hundreds of MB of RSS, more of private mappings) before any job:
+    a job's ``memory_mb`` means on a GPU node what it means on a CPU one, and a job far over it still fails."""
+    plan = _plan({"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 16, "seed": 0})
+    async with open_worker_pool(warm=0, gpu="on") as pool:
+        small = await pool.run_job(_job(digits_store, plan, "gpu-small"),
+                                   limits=WorkerLimits(wall_s=600, memory_mb=1024))
+        assert small.device == "cuda" and small.metrics["train_samples"] > 0
+        assert pool.device["context_mb"] > 0
