@@ -80,8 +80,10 @@ async def test_weights_and_result_travel_on_the_lane_and_are_not_sent_twice(lane
             second = await client.result(job_id, wait_s=30)
         assert lane.stats["lane_served"] == 1
         assert second.result_hash == first.result_hash  # same seed, same data, same weights: same bytes
-    stats = _lane_stats(lane_node, {"weights_pulled": 1, "weights_deduplicated": 1, "results_by_reference": 2})
-    assert stats["lane_served"] >= 2 and stats.get("fallbacks", 0) == 0
+    # the node counts a lane transfer once its side of it ends, which can be just after the client has the bytes
+    stats = _lane_stats(lane_node, {"weights_pulled": 1, "weights_deduplicated": 1, "results_by_reference": 2,
+                                    "lane_served": 2})
+    assert stats.get("fallbacks", 0) == 0
     # what makes the second job free: one copy of the weights in the daemon's bounded cache of pulled blobs (the first
     # job's plan left the store when it ended)
     assert json.loads(home_of(lane_node).peers_file.read_text())["lane"]["pulled_cache_bytes"] == len(plan.weights)
