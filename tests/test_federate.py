@@ -140,7 +140,7 @@ async def test_misbehaving_peers_are_dropped_and_the_rounds_go_on(tmp_path, fed_
 
             rounds = []
             result = await federate([d.address for d in daemons] + [p.address for p in peers], fed_plan,
-                                    config=FederationConfig(rounds=1, min_nodes=3, deadline_s=40, tag="digits"),
+                                    config=FederationConfig(rounds=1, min_nodes=3, deadline_s=25, tag="digits"),
                                     evaluate=torch_evaluator(DigitsCNN, x_test, y_test), on_round=rounds.append)
             nursery.cancel_scope.cancel()
         honest = sorted(d.peer_id for d in daemons)
@@ -151,7 +151,7 @@ async def test_misbehaving_peers_are_dropped_and_the_rounds_go_on(tmp_path, fed_
             assert "screened" in record.dropped[by_behaviour["scaled"]]
             assert "non-finite" in record.dropped[by_behaviour["nan"]]
             assert "unverified" in record.dropped[by_behaviour["bad_signoff"]]
-            assert record.seconds >= 40  # the round waited for its deadline, then went on without the straggler
+            assert record.seconds >= 25  # the round waited for its deadline, then went on without the straggler
         weights = decode_weights(result.weights)
         assert all(np.isfinite(v).all() and np.abs(v).max() < 100 for v in weights.values())
         assert [r.round for r in rounds] == [1]
