@@ -487,7 +487,8 @@ def _read_jobs(homes: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[str, Any]:
+def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int, lane_threshold: int | None = None,
+          update: str = "full") -> dict[str, Any]:
     import torch
 
     from hivecell.node.demo import fedavg_digits
@@ -498,8 +499,10 @@ def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[s
 
     shards, (x_test, y_test) = fedavg_digits(n)
     torch.manual_seed(0)
-    plan = build_plan(FedDigitsCNN(), digits_example_input(), RECIPE)
-    out: dict[str, Any] = {"nodes": n, "rounds": rounds, "spare_refill_s": None, "spare_refill_complete": None,
+    recipe = RECIPE if update == "full" else dict(RECIPE, update=update)
+    plan = build_plan(FedDigitsCNN(), digits_example_input(), recipe)
+    out: dict[str, Any] = {"nodes": n, "rounds": rounds, "update": update,
+                           "spare_refill_s": None, "spare_refill_complete": None,
                            "loadavg_before": [round(v, 2) for v in os.getloadavg()],
                            "samples_per_node": sorted({int(len(y)) for _, y in shards}),
                            "baseline_local_epoch_s": _r(plain_epoch_s(*shards[0])),
@@ -545,10 +548,15 @@ def run_n(n: int, rounds: int, *, root: Path, settle: bool, warm: int) -> dict[s
              f"{len(record.accepted)}/{len(record.participants)} accepted, accuracy {record.accuracy:.3f}")
 
     config = FederationConfig(rounds=rounds, min_nodes=n, deadline_s=DEADLINE_S, strategy="fedavg", tag="digits")
+    flags = ["--warm-workers", str(warm), "--worker-threads", "1"]
+    if lane_threshold is not None:  # both ways: the coordinator's weights and the nodes' results
+        config = replace(config, lane_threshold=lane_threshold)
+        flags += ["--lane-threshold", str(lane_threshold)]
+        out["lane_threshold"] = lane_threshold
     try:
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=n)
-        futures = [pool.submit(start_daemon, h, "--warm-workers", str(warm), "--worker-threads", "1") for h in homes]
+        futures = [pool.submit(start_daemon, h, *flags) for h in homes]
         try:
             wait(futures)
         finally:  # even on Ctrl-C: let every start that began end, and keep each daemon that came up for the stop
@@ -733,6 +741,12 @@ def main() -> None:
                         help="the bulk lane's effect with a 25 MB model: NODES daemons, ROUNDS rounds with the lane "
                              "and as many without (default 4 4; 0 0 skips it)")
     parser.add_argument("--only-lane-effect", action="store_true", help="measure only the lane's effect")
+    parser.add_argument("--update", choices=["full", "fp16", "int8"], default="full",
+                        help="how nodes send updates (recipe `update`): full float32 weights, or the change from the "
+                             "round's weights in fp16 or int8 (default full)")
+    parser.add_argument("--lane-threshold", type=int, default=None, metavar="BYTES",
+                        help="weights and results above BYTES go on the bulk lane, in the coordinator and the nodes "
+                             "(default: the product's, 1 MiB, which keeps the digits CNN's 0.6 MB inline)")
     args = parser.parse_args()
     if args.only_lane_effect:
         args.nodes = []
@@ -764,7 +778,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="hivecell-fedbench-") as tmp:
         for n, r in zip(args.nodes, rounds):
-            results.append(run_n(n, r, root=Path(tmp), settle=not args.no_settle, warm=args.warm_workers))
+            results.append(run_n(n, r, root=Path(tmp), settle=not args.no_settle, warm=args.warm_workers,
+                                 lane_threshold=args.lane_threshold, update=args.update))
         lane_n, lane_rounds = args.lane_effect
         if lane_n > 0 and lane_rounds > 0:
             report["lane_effect"] = run_lane_effect(lane_n, lane_rounds, root=Path(tmp), warm=args.warm_workers,

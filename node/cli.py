@@ -1151,6 +1151,9 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
 @click.option("--epochs", type=click.IntRange(1, 1000), default=1, show_default=True, help="Local epochs per round.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(1e-6, 10), default=0.05, show_default=True, help="Local SGD step size.")
+@click.option("--update", "update", type=click.Choice(["full", "fp16", "int8"]), default="full", show_default=True,
+              help="How nodes send their updates: full float32 weights, or the change from the round's weights in "
+                   "fp16 (half the bytes) or int8 with a per-tensor scale (a quarter).")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint every round here; run again with the same directory to resume.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -1160,7 +1163,7 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
 @click.pass_context
 def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, rounds: int, min_nodes: int,
              max_nodes: int | None, deadline_s: float, strategy: str, epochs: int, batch_size: int, lr: float,
-             checkpoint_dir: Path | None, plot_file: Path | None, as_json: bool, timeout: float,
+             update: str, checkpoint_dir: Path | None, plot_file: Path | None, as_json: bool, timeout: float,
              bootstrap: tuple[str, ...], mdns: bool, mdns_interfaces: tuple[str, ...]) -> None:
     """Federate a model over NODES for ROUNDS rounds (FedAvg and friends), measured on digits' public test split.
 
@@ -1212,7 +1215,8 @@ def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, r
     try:
         plan = build_plan(factory(), digits_example_input(), {"optimizer": "sgd", "lr": lr, "epochs": epochs,
                                                               "batch_size": batch_size, "eval_fraction": 0.0,
-                                                              "metrics": [], "seed": 0})
+                                                              "metrics": [], "seed": 0,
+                                                              **({"update": update} if update != "full" else {})})
     except PlanError as exc:
         raise CliError(str(exc), ExitCode.BAD_INPUT) from exc
     config = FederationConfig(rounds=rounds, min_nodes=min_nodes, max_nodes=max_nodes, deadline_s=deadline_s,

@@ -87,6 +87,10 @@ class JobResult:
     signoff_record: bytes
     result_hash: str
     timings: dict[str, Any] = field(default_factory=dict)  # the node's own account of the job (not signed)
+    # a recipe with ``update`` (fp16/int8): ``weights`` is the change from the weights the job was sent, which
+    # Client.train keeps here so that state_dict() and apply_to() give the trained weights
+    update: str = "full"
+    sent_weights: bytes = b""
 
     def state_dict(self) -> dict[str, Any]:
         """The trained weights as torch tensors (imports torch).
@@ -112,7 +116,17 @@ class JobResult:
     def _trained_weights(self) -> bytes:
         if not self.weights:
             raise ValueError(f"job {self.job_id} released no weights: an evaluate job returns metrics only")
-        return self.weights
+        from .plan import update_encoding
+
+        encoding = self.update if self.update != "full" else update_encoding(self.weights)
+        if encoding == "full":
+            return self.weights
+        if not self.sent_weights:
+            raise ValueError(f"job {self.job_id} returned an {encoding} update: rebuild the weights with "
+                             f"hivecell.node.plan.apply_update(plan.weights, result.weights, {encoding!r})")
+        from .plan import apply_update
+
+        return apply_update(self.sent_weights, self.weights, encoding)
 
 
 class Client:
@@ -517,7 +531,11 @@ class Client:
         status = await self.wait(job_id, timeout=timeout, on_progress=on_progress)
         if status.state != JobState.RELEASED.value:
             raise JobFailed(job_id, status.state, status.reason)
-        return await self.result(job_id)
+        result = await self.result(job_id)
+        update = plan.recipe.get("update", "full") if isinstance(plan.recipe, dict) else "full"
+        if update != "full" and result.weights:
+            result = replace(result, update=update, sent_weights=plan.weights)
+        return result
 
 
 def _submit_timeout(message: SubmitJob) -> float:

@@ -48,7 +48,7 @@ from hivecell.mesh.host import PeerUnreachable, RemoteError, open_host
 from .client import LANE_THRESHOLD, Client, JobFailed, ResultRejected, _maybe_lane
 from .dataset import DatasetInfo
 from .job import JobState
-from .plan import Plan, validate_recipe
+from .plan import Plan, decode_update, validate_recipe
 from .wire import MAX_WATCH_S
 from .strategy import Strategy, Update, make_strategy, screen_updates
 
@@ -240,8 +240,9 @@ def _load(directory: Path, fingerprint: str, strategy: Strategy
 
 
 async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecord,
-                    updates: list[tuple[Update, dict[str, Any]]]) -> None:
-    """Run one participant's job; put its verified update in ``updates`` or its reason in ``record``."""
+                    updates: list[tuple[Update, dict[str, Any]]], base: dict[str, np.ndarray]) -> None:
+    """Run one participant's job; put its verified update in ``updates`` or its reason in ``record``. ``base``: the
+    round's global weights, which an update encoded as ``fp16``/``int8`` (recipe ``update``) is the change from."""
     peer = node.peer
     try:
         with trio.fail_after(max(0.0, deadline - trio.current_time())):
@@ -263,7 +264,11 @@ async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecor
                     raise
         record.bytes_received += len(result.weights)
         train_s = result.timings.get("train_s", 0.0)
-        weights = decode_weights(result.weights)
+        encoding = plan.recipe.get("update", "full")
+        if encoding == "full":
+            weights = decode_weights(result.weights)
+        else:
+            weights = decode_update(result.weights, base, encoding)
         samples = result.metrics.get("train_samples")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ResultRejected("the result does not say how many samples it trained on")
@@ -281,6 +286,9 @@ async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecor
         record.dropped[peer] = f"refused: {exc.code}"
     except PeerUnreachable as exc:
         record.dropped[peer] = f"unreachable: {exc}"[:300]
+    except ValueError as exc:  # an encoded update that does not fit the model (decode_update says why)
+        logger.warning("federation: update from %s unusable: %s", peer[-8:], exc)
+        record.dropped[peer] = f"unusable update: {exc}"[:300]
     except Exception as exc:  # a malformed result (weights that do not decode): drop it, never the round
         logger.warning("federation: update from %s unusable: %r", peer[-8:], exc)
         record.dropped[peer] = "unusable update"
@@ -348,7 +356,7 @@ async def federate(
             updates: list[tuple[Update, dict[str, Any]]] = []
             async with trio.open_nursery() as nursery:
                 for node in chosen:
-                    nursery.start_soon(_train_on, node, round_plan, deadline, record, updates)
+                    nursery.start_soon(_train_on, node, round_plan, deadline, record, updates, global_weights)
             accepted, screened = screen_updates(global_weights, [u for u, _ in updates],
                                                 max_norm=config.max_update_norm)
             for peer, why in screened.items():

@@ -55,27 +55,33 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hivecell.crypto.canonical import canonical_packb
 
 if TYPE_CHECKING:  # torch is imported lazily: the daemon imports this module and never imports torch
+    import numpy as np
     import torch
 
 __all__ = [
     "ALLOWED_ATEN",
     "DP_NOISE_RANGE",
+    "UPDATE_ENCODINGS",
     "DpSpec",
     "EvalDpSpec",
     "EvalRecipe",
     "Plan",
     "PlanError",
     "Recipe",
+    "apply_update",
     "apply_weights",
     "audit_program",
     "audit_weights",
     "build_plan",
+    "decode_update",
+    "encode_update",
     "load_program",
     "load_weights",
     "plan_hash",
     "program_input_shape",
     "reload_weights",
     "to_eval_module",
+    "update_encoding",
     "validate_recipe",
 ]
 
@@ -104,8 +110,11 @@ _METRICS = ("accuracy", "loss")
 _EVAL_METRICS = ("accuracy", "loss", "confusion")
 _RECIPE_KEYS = frozenset(
     {"kind", "task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
-     "eval_fraction", "seed", "dp", "prox_mu"}
+     "eval_fraction", "seed", "dp", "prox_mu", "update"}
 )
+UPDATE_ENCODINGS = ("full", "fp16", "int8")
+_UPDATE_META = "hivecell.update"
+_SCALE_SUFFIX = ".q8scale"
 _EVAL_KEYS = ("kind", "task", "loss", "metrics", "batch_size", "dp")  # the rest of _RECIPE_KEYS is about training
 _DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_grad_norm", "delta"})
 _EVAL_DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_loss", "delta"})
@@ -179,6 +188,7 @@ class Recipe:
     seed: int = 0
     dp: DpSpec | None = None  # None: no differential privacy
     prox_mu: float = 0.0  # FedProx's proximal term: mu/2 * ||w - w_start||^2 added to the training loss
+    update: str = "full"  # "fp16" / "int8": the result is the change from the job's weights, compressed (encode_update)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe; ``kind`` never appears (``"train"`` is the default) and ``dp`` only when set, so
@@ -200,6 +210,8 @@ class Recipe:
             out["dp"] = self.dp.to_dict()
         if self.prox_mu:
             out["prox_mu"] = self.prox_mu
+        if self.update != "full":
+            out["update"] = self.update
         return out
 
 
@@ -379,9 +391,10 @@ def validate_recipe(recipe: object) -> Recipe | EvalRecipe:
     prox_mu = _number(recipe, "prox_mu", 0.0, 0.0, 10.0)
     if prox_mu and dp is not None:
         raise _bad_recipe("prox_mu is not supported under dp yet")
+    update = _choice(recipe, "update", UPDATE_ENCODINGS, "full")
     return Recipe(task=task, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                   epochs=epochs, batch_size=batch_size, metrics=metrics, eval_fraction=eval_fraction, seed=seed, dp=dp,
-                  prox_mu=prox_mu)
+                  prox_mu=prox_mu, update=update)
 
 
 # -- program audit (pure Python) --------------------------------------------------------------------------------------
@@ -714,6 +727,8 @@ def _refuse_constant(name: str) -> Any:
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                        "BOOL": 1}
 _MAX_HEADER = 16 << 20
+_NUMPY_TO_ST = {"f8": "F64", "f4": "F32", "f2": "F16", "i8": "I64", "i4": "I32", "i2": "I16", "i1": "I8", "u1": "U8",
+                "b1": "BOOL"}
 
 
 def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -855,6 +870,111 @@ def _serialize_graph(ep: Any) -> bytes:
     else:
         artifact = serialize(ep)
     return artifact.exported_program
+
+
+def encode_update(start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], encoding: str) -> bytes:
+    """A job's trained weights as their change from the weights it started from, compressed (recipe ``update``).
+
+    ``fp16``: every floating-point tensor's difference in half precision (half the bytes of float32). ``int8``: the
+    difference rounded to 127 steps of a per-tensor scale (``max |difference| / 127``, stored as ``NAME.q8scale``,
+    float32): a quarter of the bytes, an error of at most half a step per value. Integer tensors (batch norm's
+    counter) are sent whole. A difference that is not finite stays so (a NaN scale for int8), so the coordinator's
+    finite check refuses the update. The encoding is named in the safetensors metadata; :func:`decode_update` undoes
+    it against the same starting weights.
+    """
+    import torch
+    from safetensors.torch import save
+
+    if encoding not in UPDATE_ENCODINGS or encoding == "full":
+        raise ValueError(f"update encoding must be one of {', '.join(UPDATE_ENCODINGS[1:])}")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in trained.items():
+        tensor = tensor.detach().cpu()
+        if not tensor.is_floating_point():
+            out[name] = tensor.contiguous()
+            continue
+        delta = tensor.float() - start[name].detach().cpu().float()
+        if encoding == "fp16":
+            out[name] = delta.half().contiguous()
+            continue
+        if name + _SCALE_SUFFIX in trained:
+            raise ValueError(f"cannot encode int8: the model has a tensor named {name + _SCALE_SUFFIX}")
+        peak = float(delta.abs().max()) if delta.numel() else 0.0
+        if not math.isfinite(peak):
+            scale, q = math.nan, torch.zeros_like(delta, dtype=torch.int8)
+        else:
+            scale = peak / 127.0 if peak > 0 else 1.0
+            q = torch.round(delta / scale).clamp_(-127, 127).to(torch.int8)
+        out[name] = q.contiguous()
+        out[name + _SCALE_SUFFIX] = torch.tensor([scale], dtype=torch.float32)
+    return save(out, metadata={_UPDATE_META: encoding})
+
+
+def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
+                  max_bytes: int = 1 << 30) -> dict[str, np.ndarray]:
+    """The trained weights from an update made by :func:`encode_update` against ``base`` (numpy, the coordinator's
+    global weights of the round). ``data`` comes from another peer: everything is checked before it is used.
+
+    Raises:
+        ValueError: the update is not safetensors, is not encoded as ``encoding``, or its tensors do not match
+            ``base`` (a missing, extra, misshapen or mistyped tensor, a scale that is not one float32).
+    """
+    import numpy as np
+    from safetensors.numpy import load
+
+    try:
+        header = audit_weights(data, max_bytes=max_bytes)
+    except PlanError as exc:
+        raise ValueError(f"the update is malformed: {exc}") from None
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    meta = json.loads(bytes(data[8:8 + header_len])).get("__metadata__") or {}
+    if meta.get(_UPDATE_META) != encoding:
+        raise ValueError(f"the update is not encoded as {encoding}")
+    want: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, array in base.items():
+        shape = tuple(int(d) for d in array.shape)
+        if array.dtype.kind != "f":
+            want[name] = (_NUMPY_TO_ST.get(array.dtype.str.lstrip("<>|="), "?"), shape)
+        elif encoding == "fp16":
+            want[name] = ("F16", shape)
+        else:
+            want[name], want[name + _SCALE_SUFFIX] = ("I8", shape), ("F32", (1,))
+    if header != want:
+        missing, extra = sorted(set(want) - set(header)), sorted(set(header) - set(want))
+        wrong = sorted(k for k in set(want) & set(header) if want[k] != header[k])
+        raise ValueError(f"the update does not match the model: missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"wrong dtype or shape {wrong[:3]}")
+    tensors = load(bytes(data))
+    out: dict[str, np.ndarray] = {}
+    for name, array in base.items():
+        if array.dtype.kind != "f":
+            out[name] = tensors[name]
+            continue
+        delta = tensors[name].astype(np.float32)
+        if encoding == "int8":
+            delta *= tensors[name + _SCALE_SUFFIX][0]
+        out[name] = (array.astype(np.float32) + delta).astype(array.dtype)
+    return out
+
+
+def update_encoding(data: bytes) -> str:
+    """``"fp16"``/``"int8"`` for an update made by :func:`encode_update`, ``"full"`` for plain weights."""
+    try:
+        audit_weights(data)
+        (header_len,) = struct.unpack_from("<Q", data, 0)
+        meta = json.loads(bytes(data[8:8 + header_len])).get("__metadata__") or {}
+    except (PlanError, ValueError, struct.error):
+        return "full"
+    encoding = meta.get(_UPDATE_META, "full")
+    return encoding if encoding in UPDATE_ENCODINGS else "full"
+
+
+def apply_update(weights: bytes, update: bytes, encoding: str) -> bytes:
+    """The trained weights (safetensors) of a job whose recipe asked for an ``update`` encoding, from the weights the
+    job was sent (``plan.weights``) and the weights its result carries."""
+    from safetensors.numpy import load, save
+
+    return save(decode_update(update, load(bytes(weights)), encoding))
 
 
 def load_weights(data: bytes) -> dict[str, torch.Tensor]:

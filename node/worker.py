@@ -1107,7 +1107,15 @@ def _run_job(channel: _Channel, job: dict[str, Any]) -> dict[str, Any]:
     state = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
     if {name: tuple(t.shape) for name, t in state.items()} != received:  # pragma: no cover - a torch regression
         raise JobError("error", "trained weights lost their names")
-    return {"t": "result", "weights": save(state), "metrics": metrics,
+    if recipe.update == "full":
+        weights = save(state)
+    else:  # the change from the weights the job was sent, compressed (a federation's coordinator has those)
+        from safetensors.torch import load
+
+        from hivecell.node.plan import encode_update
+
+        weights = encode_update(load(bytes(job["weights"])), state, recipe.update)
+    return {"t": "result", "weights": weights, "metrics": metrics,
             "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s}, "device": _kept.device.type}
 
 

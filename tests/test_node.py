@@ -66,6 +66,27 @@ async def test_train_verify_and_use_the_model(node, plan_factory, digits):
     assert acc > 0.8
 
 
+async def test_a_job_with_an_int8_update_gives_the_trained_weights(node, plan_factory, digits):
+    import torch
+
+    from hivecell.node.plan import apply_update
+    from hivecell.node.zoo import DigitsCNN
+
+    plan = plan_factory(epochs=3, update="int8")
+    async with Client.connect(node.address) as client:
+        result = await client.train("digits", plan, timeout=300)
+        bare = await client.result(result.job_id)  # without the plan the client cannot rebuild it, and says how
+    assert len(result.weights) < 0.3 * len(plan.weights)  # a quarter of the bytes came back
+    with pytest.raises(ValueError, match="apply_update"):
+        bare.apply_to(DigitsCNN())
+    assert apply_update(plan.weights, bare.weights, "int8") == apply_update(plan.weights, result.weights, "int8")
+    model = result.apply_to(DigitsCNN())
+    x, y = digits
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+    assert acc > 0.8 and acc == pytest.approx(result.metrics["accuracy"], abs=0.1)
+
+
 @pytest.mark.parametrize("case, code", [
     ("unknown_recipe_key", ErrorCode.BAD_RECIPE),
     ("negative_lr", ErrorCode.BAD_RECIPE),
