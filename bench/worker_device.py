@@ -106,7 +106,8 @@ def main() -> None:
 
     import torch
 
-    report: dict[str, Any] = {"benchmark": "worker_device", "torch": torch.__version__, "python": sys.version.split()[0]}
+    report: dict[str, Any] = {"benchmark": "worker_device", "torch": torch.__version__,
+                              "python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory(prefix="hivecell-bench-") as tmp:
         store = make_store(Path(tmp) / "store")
         report["cpu"] = trio.run(measure, "off", store, args.rounds)

@@ -50,10 +50,11 @@ that says so (the worker still starts, so the pool does not spin restarting it).
 like the imports: it costs seconds, and its mappings must exist before a job's ``RLIMIT_DATA`` (host memory) is set.
 A job's ``memory_mb`` also caps the CUDA caching allocator (``set_per_process_memory_fraction``; on a Jetson the GPU
 allocates from the same RAM); the host memory CUDA's libraries and context hold before the job are not counted
-against it. The dataset's rows are copied to the device once and kept there between a federation's
-rounds. On CUDA the worker asks torch for deterministic kernels (where it has them), so a seeded job computes the same
-weights on every run, as it does on the CPU. A program that cannot run on the device (a graph that pins a tensor to the CPU) falls back to the CPU for its
-jobs; the result frame says where each job ran, and the weights always come back as CPU tensors.
+against it. The dataset's rows are copied to the device once and kept there between a federation's rounds. On CUDA
+the worker asks torch for deterministic kernels (where it has them), so a seeded job computes the same weights on
+every run, as it does on the CPU. A program that cannot run on the device (a graph that pins a tensor to the CPU)
+falls back to the CPU for its jobs; the result frame says where each job ran, and the weights always come back as CPU
+tensors.
 
 The real stdout descriptor is kept for frames only; fd 1 and ``sys.stdout`` point at stderr so a stray ``print`` in a
 library cannot corrupt the stream. Nothing derived from the data other than the trained weights and aggregate metrics

@@ -164,7 +164,8 @@ async def test_an_int8_round_lands_where_a_full_round_does(tmp_path: Path) -> No
     (f,), (s,) = full.history, small.history
     assert f.applied and s.applied and len(s.accepted) == 2 and not s.dropped
     assert s.bytes_received < 0.27 * f.bytes_received  # what came back from the nodes
-    start, g_full, g_int8 = decode_weights(full_plan.weights), decode_weights(full.weights), decode_weights(small.weights)
+    start = decode_weights(full_plan.weights)
+    g_full, g_int8 = decode_weights(full.weights), decode_weights(small.weights)
     moved = np.sqrt(sum(((g_full[k] - start[k]) ** 2).sum() for k in start))
     error = np.sqrt(sum(((g_int8[k] - g_full[k]) ** 2).sum() for k in start))
     assert moved > 0 and error < 0.02 * moved  # same start, same seeds: the same round, up to int8 rounding
