@@ -269,11 +269,14 @@ async def test_search_digest_and_bad_requests_over_the_protocol(nursery):
 async def test_an_expired_advert_leaves_search_results(nursery):
     async with index_and_client(nursery) as (server, client):
         alice = Identity.generate()
-        await server.gossip.publish(advert(alice, "short", ttl=1))
+        # Times are whole seconds (iat is truncated): a ttl of 3 leaves the short advert valid for 2 to 3 s, so the
+        # first search cannot straddle its expiry (a ttl of 1 once left a few milliseconds on a loaded CI box).
+        await server.gossip.publish(advert(alice, "short", ttl=3))
+        sealed_by = time.time()  # the short advert's exp = int(its seal time) + 3 <= sealed_by + 3
         await server.gossip.publish(advert(alice, "long", ttl=600))
         peer = server.host.peer_id
         hits = await client.host.request(peer, INDEX_PROTOCOL, IndexSearch(), expect=IndexHits)
         assert len(hits.adverts) == 2
-        await trio.sleep(2.1)
+        await trio.sleep(max(0.0, sealed_by + 3.1 - time.time()))
         hits = await client.host.request(peer, INDEX_PROTOCOL, IndexSearch(), expect=IndexHits)
         assert len(hits.adverts) == 1 and b"long" in hits.adverts[0]
