@@ -87,9 +87,8 @@ class JobResult:
     signoff_record: bytes
     result_hash: str
     timings: dict[str, Any] = field(default_factory=dict)  # the node's own account of the job (not signed)
-    # a recipe with ``update`` (fp16/int8): ``weights`` is the change from the weights the job was sent, which
-    # Client.train keeps here so that state_dict() and apply_to() give the trained weights
-    update: str = "full"
+    # a recipe with ``update`` (fp16/int8, named in the weights' metadata): ``weights`` is the change from the
+    # weights the job was sent, which Client.train keeps here so that state_dict() and apply_to() give the trained ones
     sent_weights: bytes = b""
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,7 +117,7 @@ class JobResult:
             raise ValueError(f"job {self.job_id} released no weights: an evaluate job returns metrics only")
         from .plan import update_encoding
 
-        encoding = self.update if self.update != "full" else update_encoding(self.weights)
+        encoding = update_encoding(self.weights)
         if encoding == "full":
             return self.weights
         if not self.sent_weights:
@@ -532,9 +531,8 @@ class Client:
         if status.state != JobState.RELEASED.value:
             raise JobFailed(job_id, status.state, status.reason)
         result = await self.result(job_id)
-        update = plan.recipe.get("update", "full") if isinstance(plan.recipe, dict) else "full"
-        if update != "full" and result.weights:
-            result = replace(result, update=update, sent_weights=plan.weights)
+        if result.weights and plan.recipe.get("update", "full") != "full":
+            result = replace(result, sent_weights=plan.weights)
         return result
 
 

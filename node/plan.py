@@ -738,6 +738,12 @@ def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tupl
         PlanError: code ``"bad_plan"``: not safetensors, a dtype we do not take, offsets that overlap, leave holes or
             point outside the buffer, or more than ``max_bytes``.
     """
+    return _audit_safetensors(weights, max_bytes=max_bytes)[0]
+
+
+def _audit_safetensors(weights: bytes, *, max_bytes: int
+                       ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """:func:`audit_weights`, and the header's ``__metadata__`` (``{}`` when there is none)."""
     if not isinstance(weights, (bytes, bytearray, memoryview)):
         raise _bad_plan("weights must be bytes")
     if len(weights) > max_bytes:
@@ -755,11 +761,13 @@ def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tupl
         raise _bad_plan("weights are not safetensors")
     data_len = len(weights) - 8 - header_len
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    metadata: dict[str, str] = {}
     spans: list[tuple[int, int]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise _bad_plan("weights metadata malformed")
+            metadata = entry
             continue
         if not _FQN.match(name) or "__" in name:
             raise _bad_plan("weights contain a malformed tensor name")
@@ -790,7 +798,7 @@ def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tupl
         cursor = end
     if cursor != data_len:
         raise _bad_plan("weights size does not match the header")
-    return out
+    return out, metadata
 
 
 # -- hashing ----------------------------------------------------------------------------------------------------------
@@ -923,11 +931,9 @@ def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
     from safetensors.numpy import load
 
     try:
-        header = audit_weights(data, max_bytes=max_bytes)
+        header, meta = _audit_safetensors(data, max_bytes=max_bytes)
     except PlanError as exc:
         raise ValueError(f"the update is malformed: {exc}") from None
-    (header_len,) = struct.unpack_from("<Q", data, 0)
-    meta = json.loads(bytes(data[8:8 + header_len])).get("__metadata__") or {}
     if meta.get(_UPDATE_META) != encoding:
         raise ValueError(f"the update is not encoded as {encoding}")
     want: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -960,10 +966,8 @@ def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
 def update_encoding(data: bytes) -> str:
     """``"fp16"``/``"int8"`` for an update made by :func:`encode_update`, ``"full"`` for plain weights."""
     try:
-        audit_weights(data)
-        (header_len,) = struct.unpack_from("<Q", data, 0)
-        meta = json.loads(bytes(data[8:8 + header_len])).get("__metadata__") or {}
-    except (PlanError, ValueError, struct.error):
+        _, meta = _audit_safetensors(data, max_bytes=1 << 30)
+    except PlanError:
         return "full"
     encoding = meta.get(_UPDATE_META, "full")
     return encoding if encoding in UPDATE_ENCODINGS else "full"

@@ -7,6 +7,7 @@ that compares an int8 round with a full-precision one from the same weights and 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ async def test_an_int8_round_lands_where_a_full_round_does(tmp_path: Path) -> No
         recipe = {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 16, "eval_fraction": 0.0, "metrics": []}
         full_plan = build_plan(FedDigitsCNN(), digits_example_input(), recipe)
         int8_plan = build_plan(FedDigitsCNN(), digits_example_input(), dict(recipe, update="int8"))
-        int8_plan = type(int8_plan)(program=int8_plan.program, weights=full_plan.weights, recipe=int8_plan.recipe)
+        int8_plan = replace(int8_plan, weights=full_plan.weights)
         config = FederationConfig(rounds=1, min_nodes=2, deadline_s=300)
         addresses = [d.address for d in daemons]
         full = await federate(addresses, full_plan, config=config)
