@@ -100,6 +100,8 @@ from typing import Any
 import psutil
 import trio
 
+from hivecell.node.plan import UPDATE_ENCODINGS
+
 RECIPE = {"optimizer": "sgd", "lr": 0.05, "batch_size": 16, "epochs": 1, "eval_fraction": 0.0, "metrics": [],
           "seed": 0}
 GOAL = {"overhead_s_at_8_max": 0.5, "overhead_growth_max": 1.0}
@@ -741,7 +743,7 @@ def main() -> None:
                         help="the bulk lane's effect with a 25 MB model: NODES daemons, ROUNDS rounds with the lane "
                              "and as many without (default 4 4; 0 0 skips it)")
     parser.add_argument("--only-lane-effect", action="store_true", help="measure only the lane's effect")
-    parser.add_argument("--update", choices=["full", "fp16", "int8"], default="full",
+    parser.add_argument("--update", choices=UPDATE_ENCODINGS, default="full",
                         help="how nodes send updates (recipe `update`): full float32 weights, or the change from the "
                              "round's weights in fp16 or int8 (default full)")
     parser.add_argument("--lane-threshold", type=int, default=None, metavar="BYTES",
