@@ -91,7 +91,7 @@ async def measure(gpu: str, store: tuple[str, str], rounds: int) -> dict[str, An
         wall, private = await timed(pool, _plan(DP), f"{gpu}-dp")
         out["dp_epoch"] = {"wall_s": round(wall, 4), "train_s": private.timings.get("train_s"),
                            "epsilon": private.metrics.get("epsilon")}
-        evaluate = build_plan(DigitsCNN(), digits_example_input(), _plan(EVALUATE).recipe)
+        evaluate = _plan(EVALUATE)
         wall, scored = await timed(pool, evaluate, f"{gpu}-eval")
         out["evaluate"] = {"wall_s": round(wall, 4), "accuracy": scored.metrics.get("accuracy")}
         out["pool_device"] = pool.device
