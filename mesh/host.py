@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from . import _libp2p  # noqa: F401  (first: py-libp2p's import resets its logger; see _libp2p)
+
+# isort: split
 import multiaddr
 import trio
 from libp2p import new_host

@@ -57,3 +57,19 @@ def test_help_explains():
         sub = subprocess.run([sys.executable, "-m", "hivecell.node.cli", *cmd, "--help"], capture_output=True,
                              text=True)
         assert sub.returncode == 0 and "Usage" in sub.stdout
+
+
+@pytest.mark.parametrize("verbose", [0, 2])
+def test_py_libp2p_import_keeps_the_cli_logging(verbose):
+    """py-libp2p's import resets its logger (WARNING, no handler, no propagation: its routine dial failures went to
+    stderr through logging.lastResort, tracebacks and all, in the middle of `hivecell demo`). The CLI's levels hold."""
+    code = (f"import logging; from hivecell.node.cli import _setup_logging; _setup_logging({verbose}); "
+            "import hivecell.mesh.host; "
+            "logging.getLogger('libp2p.network.swarm').warning('py-libp2p dial failure'); "
+            "logging.getLogger('libp2p.network.swarm').debug('py-libp2p debug'); "
+            "logging.getLogger('hivecell.node.daemon').warning('our warning')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "our warning" in proc.stderr
+    assert ("py-libp2p dial failure" in proc.stderr) == (verbose == 2)
+    assert ("py-libp2p debug" in proc.stderr) == (verbose == 2)
