@@ -73,3 +73,16 @@ def test_py_libp2p_import_keeps_the_cli_logging(verbose):
     assert "our warning" in proc.stderr
     assert ("py-libp2p dial failure" in proc.stderr) == (verbose == 2)
     assert ("py-libp2p debug" in proc.stderr) == (verbose == 2)
+
+
+def test_py_libp2p_modules_with_their_own_level_stay_below_the_cli_threshold():
+    """Some py-libp2p modules set their own logger to INFO (the auto-connector logs every dial round); a parent's level
+    does not filter what children propagate, so the libp2p logger's level must still be the threshold."""
+    code = ("import logging; from hivecell.node.cli import _setup_logging; _setup_logging(0); "
+            "import hivecell.mesh.host; "
+            "chatty = logging.getLogger('libp2p.network.auto_connector'); chatty.setLevel(logging.INFO); "
+            "chatty.info('initiating 200 new dials'); "
+            "logging.getLogger('libp2p').critical('py-libp2p critical')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "initiating 200 new dials" not in proc.stderr and "py-libp2p critical" in proc.stderr
