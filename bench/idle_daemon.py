@@ -5,9 +5,10 @@ Worker subprocesses do). Two real daemons on loopback, one after the other, each
 
   cold   ``--warm-workers 0``: the daemon alone (it should have no child process at all). Its RSS, USS, CPU over
          --sample seconds after --settle seconds, and whether libtorch is mapped into it (/proc/PID/maps).
-  warm   the default ``--warm-workers 1``: the daemon plus one spare Worker that has imported torch and waits. The
-         spare's RSS is reported separately (``warm_spare_rss_mb``): it is the price of a job not waiting for torch
-         to import, and it is paid by a child process, not by the daemon.
+  warm   the default ``--warm-workers 1``: the daemon plus one spare Worker that has imported torch and waits, forked
+         from the zygote (which is reported too). The spare's RSS is reported separately (``warm_spare_rss_mb``),
+         and the PSS of spare and zygote together (``warm_workers_pss_mb``: they share most pages): the price of a
+         job not waiting for torch to import, paid by child processes, not by the daemon.
 
 Baselines, measured in the same run: a bare ``python -c "import time; time.sleep(30)"`` and a python that only does
 ``import libp2p`` (the floor the daemon's network stack sets). CPU percent is of one core (100 = one core busy).
@@ -88,14 +89,21 @@ def start(workdir: Path, name: str, warm: str) -> tuple[DaemonProcess, psutil.Pr
     return daemon, psutil.Process(daemon.process.pid)
 
 
+def _is_zygote(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() == "hivecell-zygote"
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_for_spare(daemon: psutil.Process, timeout: float = 180.0) -> psutil.Process:
     """The warm spare, once it has imported torch and its RSS has stopped growing."""
     deadline = time.monotonic() + timeout
     spare, last, stable_since = None, -1, None
     while time.monotonic() < deadline:
-        children = daemon.children(recursive=True)
-        if len(children) == 1 and torch_mapped(children[0].pid):
-            spare = children[0]
+        spares = [c for c in daemon.children(recursive=True) if not _is_zygote(c) and torch_mapped(c.pid)]
+        if len(spares) == 1:
+            spare = spares[0]
             rss = spare.memory_info().rss
             if abs(rss - last) < MB:
                 stable_since = stable_since or time.monotonic()
@@ -157,11 +165,17 @@ def main() -> None:
         try:
             spare = wait_for_spare(proc)
             time.sleep(args.settle)
-            both = [proc, spare]
+            zygotes = [c for c in proc.children() if _is_zygote(c)]
+            both = [proc, spare, *zygotes]
             cpu_both = cpu_percent(both, args.sample)
+            workers = [spare, *zygotes]
             result.update(
                 warm_spare_rss_mb=_mb(spare.memory_info().rss),
                 warm_spare_uss_mb=_mb(spare.memory_full_info().uss),
+                # The spare is forked from a zygote (worker_fork, the default) and shares most pages with it: RSS
+                # counts those pages in both, PSS splits them, so the PSS sum is what the two really hold.
+                warm_zygote_rss_mb=_mb(zygotes[0].memory_info().rss) if zygotes else None,
+                warm_workers_pss_mb=_mb(sum(w.memory_full_info().pss for w in workers)),
                 warm_daemon_rss_mb=_mb(proc.memory_info().rss),
                 warm_total_rss_mb=_mb(sample_rss(both, 1.0)),
                 warm_cpu_percent_idle=cpu_both,

@@ -108,6 +108,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(key="warm_workers", kind=int, default=1, lo=0, hi=8, field="warm_workers",
            help="Worker interpreters kept started (torch imported) so a job does not wait for one. "
                 "Each serves one job and exits."),
+    Option(key="worker_fork", kind=bool, default=True, field="worker_fork",
+           help="Fork Workers from one interpreter that imported torch once (a zygote, kept while warm_workers > 0): "
+                "milliseconds per Worker instead of seconds of CPU. Off: each Worker starts a fresh interpreter."),
     Option(key="max_jobs", kind=int, default=1, lo=1, hi=64, field="max_concurrent_jobs", help="Jobs run at once."),
     Option(key="worker_timeout", kind=float, default=3600.0, lo=1, hi=7 * 24 * 3600, field="worker_wall_s",
            help="Wall-time limit of one job, seconds; the Worker is killed after it."),

@@ -64,6 +64,7 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 class DaemonConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     warm_workers: int = 1
+    worker_fork: bool = True  # fork Workers from a zygote that imported torch once (with warm_workers > 0)
     max_concurrent_jobs: int = 1
     worker_wall_s: float = 3600.0
     worker_memory_mb: int = 4096
@@ -432,7 +433,7 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
         loaded = await trio.to_thread.run_sync(load_index, store, index)
         lane_config = LaneConfig(listen_host=lane_listen_host(config.listen), port=config.lane_port, lane=config.lane,
                                  max_blob=min(MAX_BLOB_REF_BYTES, config.worker_memory_mb << 20))
-        async with open_worker_pool(warm=config.warm_workers, gpu=config.gpu) as pool, open_host(identity, config.listen) as host, \
+        async with open_worker_pool(warm=config.warm_workers, gpu=config.gpu, fork=config.worker_fork) as pool, open_host(identity, config.listen) as host, \
                 open_lane(host, lane_config) as lane, trio.open_nursery() as nursery:
             daemon = Daemon(identity=identity, store=store, pool=pool, config=config, lane=lane,
                             offers=SharedOffers(lane, nursery))

@@ -1,8 +1,9 @@
-"""The Worker: a fresh interpreter per job (or per federation), run as ``python -m hivecell.node.worker``.
+"""The Worker: a fresh process per job (or per federation), run as ``python -m hivecell.node.worker``, or forked
+from a zygote (``--zygote``, below) that has imported torch once.
 
 Theory of operation
 -------------------
-The pool (``workerpool.py``) starts this module with pipes on stdin/stdout. Frames in both directions are a 4-byte
+The pool (``workerpool.py``) starts this module (or has the zygote fork it) with pipes on stdin/stdout. Frames in both directions are a 4-byte
 big-endian length followed by one canonical msgpack map whose ``"t"`` field names the message::
 
     worker -> pool  {"t": "ready", "pid": int, "startup_s": float, "isolation": {"network": str},
@@ -27,9 +28,15 @@ result) and a worker the pool kept for a federation's next round (its stdin stay
 the same scientist, dataset and program, see ``workerpool.py``, and kills it when it idles). After ``error`` the
 worker exits 1 at once: a process whose job failed never runs another.
 
+Zygote: with ``--zygote`` the process does step 1 below and the imports, then forks a worker per request of the pool
+(:func:`_zygote`); each child takes its pipes, a session and a name (``hivecell-worker``; the zygote is
+``hivecell-zygote``) and goes on exactly as a spawned worker does after its imports: device, ``ready``, jobs. The
+zygote runs no torch operation (torch's thread pools and CUDA must start after the fork, in the child) and never sees a
+job, so no job's data or state can reach another worker through it.
+
 Isolation, in order:
 
-1. at start, before torch is imported (the process is still single-threaded, as ``unshare(CLONE_NEWUSER)``
+1. at start, before torch is imported (in the zygote, inherited by its children) (the process is still single-threaded, as ``unshare(CLONE_NEWUSER)``
    requires): best-effort network drop with ``unshare(CLONE_NEWNET)`` (root) or ``CLONE_NEWUSER|CLONE_NEWNET``
    (unprivileged user namespaces); core dumps off (they would hold private rows);
 2. on the job, before any job data is touched: ``RLIMIT_DATA`` (see :func:`_apply_limits` for why not
@@ -76,7 +83,7 @@ from typing import Any, NoReturn
 
 from hivecell.crypto.canonical import CanonicalError, canonical_packb, strict_unpackb
 
-__all__ = ["main", "ERROR_CODES", "GPU_CHOICES", "JOB_FRAME_CAP"]
+__all__ = ["main", "ERROR_CODES", "GPU_CHOICES", "JOB_FRAME_CAP", "ZYGOTE_MESSAGE"]
 
 JOB_FRAME_CAP = (64 << 20) + (1 << 30) + (1 << 20)  # program cap + weights cap + room for the rest
 ERROR_CODES = ("bad_plan", "bad_data", "memory", "error")
@@ -1264,18 +1271,32 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def main() -> NoReturn:
     started = time.time()
     gpu = _parse_gpu(sys.argv[1:])
+    if "--zygote" in sys.argv[1:]:
+        _zygote(gpu)
     frame_fd = os.dup(1)  # frames only; fd 1 and sys.stdout now go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     channel = _Channel(0, frame_fd)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core file would hold private rows
-    network = _drop_network()  # before torch starts threads: user namespaces need a single-threaded process
+    network = _isolate()
+    _import_all()
+    _serve(channel, gpu, network, started)
 
-    # The slow part, done before a job arrives so a warm spare starts at once. Deserializing and running a program
-    # lazily imports much of torch.export (which probes the temp dir by writing a file): do it all now, while we may
-    # still write files, since a job runs under RLIMIT_FSIZE 0.
+
+def _isolate() -> str:
+    """What every worker does first, while still single-threaded: no core dumps (they would hold private rows), and
+    the network dropped (see :func:`_drop_network`). Returns what :func:`_drop_network` got."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return _drop_network()  # before torch starts threads: user namespaces need a single-threaded process
+
+
+def _import_all() -> None:
+    """The slow part, done before a job arrives so a warm spare starts at once. Deserializing and running a program
+    lazily imports much of torch.export (which probes the temp dir by writing a file): do it all now, while we may
+    still write files, since a job runs under RLIMIT_FSIZE 0. No torch operation runs here: a zygote forks after it,
+    and torch's thread pools and CUDA must start in the forked worker, not before the fork."""
     import tempfile
 
+    import psutil  # noqa: F401 - the ready frame's startup_s
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
     import torch._export.serde.serialize  # noqa: F401
@@ -1287,6 +1308,10 @@ def main() -> NoReturn:
     import hivecell.node.store  # noqa: F401
 
     tempfile.gettempdir()
+
+
+def _serve(channel: _Channel, gpu: str, network: str, started: float) -> NoReturn:
+    """Start the device, say ``ready``, then run jobs until EOF (or until one fails)."""
     _pick_device(gpu)
     import gc
 
@@ -1326,6 +1351,112 @@ def main() -> NoReturn:
         del job, reply
         sys.stderr.flush()
         _release_memory()
+
+
+# -- the zygote ------------------------------------------------------------------------------------------------------
+
+ZYGOTE_MESSAGE = struct.Struct(">cii")  # kind, pid, value: the zygote's messages to the pool, one per datagram
+_FORK_REQUEST = b"F"  # pool -> zygote, with the new worker's stdin, stdout and stderr descriptors (SCM_RIGHTS)
+
+
+def _zygote(gpu: str) -> NoReturn:
+    """``--zygote``: import everything a worker needs once, then fork a worker per request of the pool.
+
+    fd 0 is one end of an ``AF_UNIX`` ``SOCK_SEQPACKET`` pair whose other end the pool holds. The pool sends ``F`` with
+    three descriptors (the new worker's stdin, stdout, stderr); the zygote forks, the child becomes a worker on them
+    (:func:`_forked_worker`), and the zygote answers ``(P, pid, 0)`` or ``(E, 0, errno)``. It reaps its children
+    through pidfds and reports each exit as ``(X, pid, returncode)`` (``-N`` for signal N, as ``subprocess`` does), so
+    the pool knows exit statuses though the workers are not its children. EOF from the pool (it closed, or died) ends
+    the zygote; the workers it forked live on until their own stdin closes.
+
+    The zygote never runs a torch operation, never touches job data, keys or the network (dropped at start like any
+    worker's, so every child inherits an empty network namespace), and is single-threaded but for the BLAS library's
+    threads, which pause across a fork (``pthread_atfork``).
+    """
+    import select
+    import socket
+
+    control = socket.socket(fileno=0)
+    _name_process(b"hivecell-zygote")
+    os.dup2(2, 1)  # nothing is written to stdout; a stray print goes to the log
+    sys.stdout = sys.stderr
+    network = _isolate()
+    _import_all()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # shared with every child, which would otherwise copy pages as its collector touched them
+    control.send(ZYGOTE_MESSAGE.pack(b"R", os.getpid(), 0))
+    children: dict[int, int] = {}  # pidfd -> pid
+    while True:
+        readable, _, _ = select.select([control, *children], [], [])
+        for fd in readable:
+            if fd is not control:
+                pid = children.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
+                control.send(ZYGOTE_MESSAGE.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
+                continue
+            message, fds, _, _ = socket.recv_fds(control, 64, 3)
+            if not message:
+                os._exit(0)  # the pool is gone
+            if message != _FORK_REQUEST or len(fds) != 3:
+                for extra in fds:
+                    os.close(extra)
+                control.send(ZYGOTE_MESSAGE.pack(b"E", 0, errno.EINVAL))
+                continue
+            sys.stderr.flush()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                pid, failed = -1, exc.errno or errno.EAGAIN
+            if pid == 0:
+                _forked_worker(control, list(children), fds, gpu, network)
+            for passed in fds:
+                os.close(passed)
+            if pid < 0:
+                control.send(ZYGOTE_MESSAGE.pack(b"E", 0, failed))
+                continue
+            children[os.pidfd_open(pid)] = pid  # a child that already exited still has a pidfd: it is unreaped
+            control.send(ZYGOTE_MESSAGE.pack(b"P", pid, 0))
+
+
+def _name_process(name: bytes) -> None:
+    """Set the process name (``/proc/PID/comm``, what ``ps -o comm`` and ``top`` show; at most 15 bytes)."""
+    try:
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _forked_worker(control: Any, pidfds: list[int], fds: list[int], gpu: str, network: str) -> NoReturn:
+    """In the zygote's child: become a worker on the descriptors the pool sent, in a session of its own."""
+    started = time.time()
+    try:
+        control.close()
+        for pidfd in pidfds:
+            os.close(pidfd)
+        os.setsid()  # its own process group, which the pool kills as a whole
+        _name_process(b"hivecell-worker")  # its command line is the zygote's; ps -o comm tells them apart
+        stdin, stdout, stderr = fds
+        os.dup2(stdin, 0)
+        os.dup2(stderr, 2)
+        os.dup2(stderr, 1)  # as in main(): fd 1 and sys.stdout go to stderr, frames go to their own descriptor
+        frame_fd = os.dup(stdout)
+        keep = {0, 1, 2, frame_fd}
+        for fd in os.listdir("/proc/self/fd"):  # nothing else of the zygote's stays open in a worker
+            if int(fd) not in keep:
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass  # the directory's own descriptor, closed by now
+        sys.stdout = sys.stderr
+        _serve(_Channel(0, frame_fd), gpu, network, started)
+    except BaseException:  # noqa: BLE001 - never return into the zygote's loop
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _release_memory() -> None:

@@ -33,6 +33,7 @@ def test_fedavg_rounds_prints_one_json_object() -> None:
     assert result["bytes_per_round"] > 0
     assert {"daemon_max", "daemon_plus_workers_max"} <= result["peak_rss_mb_per_node"].keys()
     assert result["peak_rss_mb_per_node"]["daemon_plus_workers_max"] >= result["peak_rss_mb_per_node"]["daemon_max"]
+    assert result["peak_rss_mb_per_node"]["daemon_plus_workers_pss_at_end_median"] > 0  # taken while the nodes run
     critical = result["overhead_breakdown"]["critical_path_median_s"]  # round 2: the timeline of its last job
     assert {"to_received", "queue", "worker", "train", "release", "fetch", "after"} <= critical.keys()
     assert critical["train"] > 0 and critical["fetch"] >= 0

@@ -32,7 +32,8 @@ def _worker_children() -> list[psutil.Process]:
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "hivecell.node.worker" in " ".join(child.cmdline()):
+            # (the zygote that forks them has the same command line; its name tells it apart)
+            if "hivecell.node.worker" in " ".join(child.cmdline()) and child.name() != "hivecell-zygote":
                 found.append(child)
         except psutil.NoSuchProcess:
             pass

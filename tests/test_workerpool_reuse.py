@@ -52,7 +52,8 @@ def _worker_pids() -> set[int]:
     found = set()
     for child in psutil.Process().children(recursive=True):
         try:
-            if "hivecell.node.worker" in " ".join(child.cmdline()):
+            # (the zygote that forks them has the same command line; its name tells it apart)
+            if "hivecell.node.worker" in " ".join(child.cmdline()) and child.name() != "hivecell-zygote":
                 found.add(child.pid)
         except psutil.NoSuchProcess:
             pass
