@@ -242,6 +242,7 @@ class RssSampler:
         self._trees: list[list[psutil.Process]] = [[] for _ in pids]
         self._roots = [psutil.Process(pid) for pid in pids]
         self.cpu_s = 0.0  # CPU time of the sampling thread itself, so it can be left out of the coordinator's
+        self.pss_at_end: list[int] = []
 
     def _refresh_trees(self) -> None:
         self._trees = [[_process(pid) for pid in _descendants(root.pid)] for root in self._roots]
@@ -275,11 +276,12 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.pss_at_end = self._pss_now()
 
-    def summary(self) -> dict[str, float]:
-        """Peaks, plus each node's tree by PSS once, now: a node's Workers are forked from its zygote and share most
-        pages with it, which the RSS sum counts once per process (PSS splits them; it costs ~8 ms per process to read,
-        too much to sample beside N daemons)."""
+    def _pss_now(self) -> list[int]:
+        """Each node's tree by PSS: a node's Workers are forked from its zygote and share most pages with it, which the
+        RSS sum counts once per process (PSS splits them; it costs ~8 ms per process to read, too much to sample
+        beside N daemons, so it is read once, when the sampling ends, while the nodes still run)."""
         pss = []
         for root in self._roots:
             total = 0
@@ -289,11 +291,14 @@ class RssSampler:
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             pss.append(total)
+        return pss
+
+    def summary(self) -> dict[str, float]:
         return {"daemon_max": round(max(self.daemon_peak) / MB, 1),
                 "daemon_median": round(statistics.median(self.daemon_peak) / MB, 1),
                 "daemon_plus_workers_max": round(max(self.tree_peak) / MB, 1),
                 "daemon_plus_workers_median": round(statistics.median(self.tree_peak) / MB, 1),
-                "daemon_plus_workers_pss_at_end_median": round(statistics.median(pss) / MB, 1)}
+                "daemon_plus_workers_pss_at_end_median": round(statistics.median(self.pss_at_end or [0]) / MB, 1)}
 
 
 def wait_settled(pids: list[int], *, warm: int, timeout: float = 300.0, window: float = 1.0) -> tuple[float, bool]:
