@@ -97,6 +97,13 @@ def _valid_found(peer_id: str, addrs: list[str]) -> list[str]:
     return [a for a in addrs if a.startswith("/ip4/") and a.endswith("/p2p/" + peer_id) and len(a) <= 256]
 
 
+async def _register(zc, info) -> None:
+    try:
+        await trio.to_thread.run_sync(lambda: zc.register_service(info, cooperating_responders=True))
+    except Exception as exc:  # noqa: BLE001 - zeroconf's errors vary by version; the node works on without it
+        logger.warning("mDNS: cannot announce this node (%s: %s); it still finds the others", type(exc).__name__, exc)
+
+
 async def serve_mdns(
     *,
     peer_id: str,
@@ -133,31 +140,35 @@ async def serve_mdns(
             props = {"id": peer_id, **{f"a{i}": a for i, a in enumerate(announce[:MAX_TXT_ADDRS])}}
             info = ServiceInfo(SERVICE, f"{peer_id}.{SERVICE}", addresses=[socket.inet_aton(ip) for ip in ips],
                                port=port, properties=props, server=f"hc-{peer_id[-12:].lower()}.local.")
-            # Instance names are peer ids, unique by construction: skip the ~1.7 s conflict probing.
-            await trio.to_thread.run_sync(lambda: zc.register_service(info, cooperating_responders=True))
-        browser = await trio.to_thread.run_sync(lambda: ServiceBrowser(zc, SERVICE, handlers=[on_change]))
-        logger.info("mDNS on %s%s", ", ".join(ips), " (announcing)" if announce else " (browsing only)")
-        task_status.started()
-        async for name, state in receive:
-            found = name[: -len(SERVICE) - 1] if name.endswith("." + SERVICE) else ""
-            if not found or found == peer_id:
-                continue
-            if state is ServiceStateChange.Removed:
-                if on_lost is not None:
-                    await on_lost(found)
-                continue
-            got = await trio.to_thread.run_sync(lambda: zc.get_service_info(SERVICE, name, 2000))
-            if got is None:
-                continue
-            props = {(k or b"").decode(errors="replace"): (v or b"").decode(errors="replace")
-                     for k, v in (got.properties or {}).items()}
-            if props.get("id") != found:
-                logger.debug("mDNS: %s announces another id; ignored", name[:80])
-                continue
-            addrs = _valid_found(found, [props[f"a{i}"] for i in range(MAX_TXT_ADDRS) if f"a{i}" in props])
-            if addrs:
-                logger.debug("mDNS: found %s at %s", short(found), addrs)
-                await on_found(found, addrs)
+        async with trio.open_nursery() as nursery:
+            if info is not None:
+                # Instance names are peer ids, unique by construction: skip the ~1.7 s conflict probing. The first
+                # announcement goes out at once; the call returns after two repeats (0.45 s), which the node need
+                # not wait for before it is ready.
+                nursery.start_soon(_register, zc, info)
+            browser = await trio.to_thread.run_sync(lambda: ServiceBrowser(zc, SERVICE, handlers=[on_change]))
+            logger.info("mDNS on %s%s", ", ".join(ips), " (announcing)" if announce else " (browsing only)")
+            task_status.started()
+            async for name, state in receive:
+                found = name[: -len(SERVICE) - 1] if name.endswith("." + SERVICE) else ""
+                if not found or found == peer_id:
+                    continue
+                if state is ServiceStateChange.Removed:
+                    if on_lost is not None:
+                        await on_lost(found)
+                    continue
+                got = await trio.to_thread.run_sync(lambda: zc.get_service_info(SERVICE, name, 2000))
+                if got is None:
+                    continue
+                props = {(k or b"").decode(errors="replace"): (v or b"").decode(errors="replace")
+                         for k, v in (got.properties or {}).items()}
+                if props.get("id") != found:
+                    logger.debug("mDNS: %s announces another id; ignored", name[:80])
+                    continue
+                addrs = _valid_found(found, [props[f"a{i}"] for i in range(MAX_TXT_ADDRS) if f"a{i}" in props])
+                if addrs:
+                    logger.debug("mDNS: found %s at %s", short(found), addrs)
+                    await on_found(found, addrs)
     finally:
         with trio.CancelScope(shield=True):
             def close() -> None:
