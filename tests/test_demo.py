@@ -15,6 +15,7 @@ def test_demo_json():
     proc = subprocess.run([sys.executable, "-m", "hivecell.node.cli", "demo", "--json"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # py-libp2p's routine dial failures stay out of it
     report = json.loads(proc.stdout)
     job = report["job"]
     assert job["status"] == "released" and job["signoff_verified"] is True
