@@ -433,8 +433,9 @@ async def _serve_locked(home: Home, identity: Identity, config: DaemonConfig, *,
         loaded = await trio.to_thread.run_sync(load_index, store, index)
         lane_config = LaneConfig(listen_host=lane_listen_host(config.listen), port=config.lane_port, lane=config.lane,
                                  max_blob=min(MAX_BLOB_REF_BYTES, config.worker_memory_mb << 20))
-        async with open_worker_pool(warm=config.warm_workers, gpu=config.gpu, fork=config.worker_fork) as pool, open_host(identity, config.listen) as host, \
-                open_lane(host, lane_config) as lane, trio.open_nursery() as nursery:
+        async with open_worker_pool(warm=config.warm_workers, gpu=config.gpu, fork=config.worker_fork) as pool, \
+                open_host(identity, config.listen) as host, open_lane(host, lane_config) as lane, \
+                trio.open_nursery() as nursery:
             daemon = Daemon(identity=identity, store=store, pool=pool, config=config, lane=lane,
                             offers=SharedOffers(lane, nursery))
             host.serve(DATASET_PROTOCOL, daemon.handle_dataset)

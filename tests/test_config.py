@@ -168,7 +168,8 @@ def test_config_show_sources(tmp_path):
     got = {k: (v["value"], v["source"]) for k, v in out["options"].items()}
     assert got == {
         "listen": (["/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/0"], "env"),
-        "warm_workers": (2, "env"), "worker_fork": (True, "default"), "max_jobs": (4, "flag"), "max_attempts": (5, "file"),
+        "warm_workers": (2, "env"), "worker_fork": (True, "default"), "max_jobs": (4, "flag"),
+        "max_attempts": (5, "file"),
         "worker_timeout": (3600.0, "default"), "worker_memory_mb": (4096, "default"),
         "worker_threads": (None, "default"), "max_queued_per_peer": (16, "default"),
         "mdns": (False, "env"), "mdns_interfaces": (None, "default"), "bootstrap": ([], "default"),
