@@ -224,6 +224,31 @@ class _FrameReader:
         return value
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads; the caller knows it is unreaped, so the id is not another's."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def _drain_tail(stream: trio.abc.ReceiveStream, tail: deque[bytes]) -> None:
+    """Read ``stream`` until it closes, keeping its last ``_STDERR_TAIL`` bytes (at least one chunk) in ``tail``."""
+    size = 0
+    try:
+        async for chunk in stream:
+            tail.append(chunk)
+            size += len(chunk)
+            while size - len(tail[0]) >= _STDERR_TAIL and len(tail) > 1:
+                size -= len(tail.popleft())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _tail_text(tail: deque[bytes]) -> str:
+    return b"".join(tail)[-_STDERR_TAIL:].decode("utf-8", "replace")
+
+
 def fork_supported() -> bool:
     """Whether workers can be forked from a zygote here: Linux with pidfds (5.3+) and descriptor passing."""
     return sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
@@ -286,7 +311,7 @@ class _Zygote:
         self._children: dict[int, _ForkedProcess] = {}
         self._early: dict[int, int] = {}  # exits reported before the fork's requester registered the child
         self.pid: int | None = None  # of the running zygote
-        self.stderr_tail: deque[bytes] = deque(maxlen=16)
+        self.stderr_tail: deque[bytes] = deque()
 
     @property
     def ready(self) -> bool:
@@ -315,7 +340,8 @@ class _Zygote:
         try:
             failed = None  # raised after the nursery: raised inside, trio would wrap it in an ExceptionGroup
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain, process)
+                assert process.stderr is not None
+                nursery.start_soon(_drain_tail, process.stderr, self.stderr_tail)
                 first = b""
                 with trio.move_on_after(self._start_timeout):
                     first = await sock.recv(64)
@@ -330,7 +356,7 @@ class _Zygote:
                         await self._serve(sock, send)
                     nursery.cancel_scope.cancel()
             if failed is not None:
-                logger.info("worker zygote failed to start; stderr tail:\n%s", self._stderr_text())
+                logger.info("worker zygote failed to start; stderr tail:\n%s", _tail_text(self.stderr_tail))
                 raise _StartFailed(failed)
         finally:
             self._sock = self._replies = self.pid = None
@@ -340,16 +366,14 @@ class _Zygote:
             self._early.clear()
             with trio.CancelScope(shield=True):
                 if process.returncode is None:  # unreaped, so its process group id is still its own
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    _kill_group(process.pid)
                 await process.wait()
                 sock.close()
                 if process.stderr is not None:
                     await process.stderr.aclose()
             if process.returncode not in (0, -signal.SIGKILL):
-                logger.warning("worker zygote exited (%s); stderr tail:\n%s", process.returncode, self._stderr_text())
+                logger.warning("worker zygote exited (%s); stderr tail:\n%s", process.returncode,
+                               _tail_text(self.stderr_tail))
 
     async def _serve(self, sock: trio.socket.SocketType, replies: trio.MemorySendChannel[tuple[bytes, int, int]]
                      ) -> None:
@@ -379,21 +403,7 @@ class _Zygote:
     def _kill(self) -> None:
         """SIGKILL the zygote; its owner task sees EOF, cleans up, and the next request starts another."""
         if self.pid is not None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    async def _drain(self, process: trio.Process) -> None:
-        assert process.stderr is not None
-        try:
-            async for chunk in process.stderr:
-                self.stderr_tail.append(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def _stderr_text(self) -> str:
-        return b"".join(self.stderr_tail)[-_STDERR_TAIL:].decode("utf-8", "replace")
+            _kill_group(self.pid)
 
     async def _fork(self) -> _ForkedProcess:
         assert self._sock is not None and self._replies is not None
@@ -464,13 +474,10 @@ class _Worker:
             self.killed_for = reason
         if self.alive:
             assert self.process is not None
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(self.process.pid)
 
     def stderr_text(self) -> str:
-        return b"".join(self.stderr_tail)[-_STDERR_TAIL:].decode("utf-8", "replace")
+        return _tail_text(self.stderr_tail)
 
 
 class WorkerPool:
@@ -531,7 +538,7 @@ class WorkerPool:
         try:
             failed = None  # raised after the nursery: raised inside, trio would wrap it in an ExceptionGroup
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain_stderr, w)
+                nursery.start_soon(_drain_tail, w.process.stderr, w.stderr_tail)
                 ready = None
                 try:
                     with trio.fail_after(self._start_timeout):
@@ -585,18 +592,6 @@ class WorkerPool:
                         report.get("memory_mb"))
         else:
             logger.info("Worker: jobs train on the CPU (gpu = %s)", self._gpu)
-
-    async def _drain_stderr(self, w: _Worker) -> None:
-        assert w.process is not None and w.process.stderr is not None
-        size = 0
-        try:
-            async for chunk in w.process.stderr:
-                w.stderr_tail.append(chunk)
-                size += len(chunk)
-                while size - len(w.stderr_tail[0]) >= _STDERR_TAIL and len(w.stderr_tail) > 1:
-                    size -= len(w.stderr_tail.popleft())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _keep_spares(self) -> None:
         """Hold ``warm`` spares, replacing claimed and dead ones; back off after failures."""
