@@ -59,30 +59,31 @@ def test_help_explains():
         assert sub.returncode == 0 and "Usage" in sub.stdout
 
 
+def _stderr_with_cli_logging(verbose: int, then: str) -> str:
+    """stderr of a fresh interpreter that sets logging up as the CLI does, imports py-libp2p, then runs ``then``."""
+    code = (f"import logging; from hivecell.node.cli import _setup_logging; _setup_logging({verbose}); "
+            f"import hivecell.mesh.host; {then}")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
 @pytest.mark.parametrize("verbose", [0, 2])
 def test_py_libp2p_import_keeps_the_cli_logging(verbose):
     """py-libp2p's import resets its logger (WARNING, no handler, no propagation: its routine dial failures went to
     stderr through logging.lastResort, tracebacks and all, in the middle of `hivecell demo`). The CLI's levels hold."""
-    code = (f"import logging; from hivecell.node.cli import _setup_logging; _setup_logging({verbose}); "
-            "import hivecell.mesh.host; "
-            "logging.getLogger('libp2p.network.swarm').warning('py-libp2p dial failure'); "
-            "logging.getLogger('libp2p.network.swarm').debug('py-libp2p debug'); "
-            "logging.getLogger('hivecell.node.daemon').warning('our warning')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "our warning" in proc.stderr
-    assert ("py-libp2p dial failure" in proc.stderr) == (verbose == 2)
-    assert ("py-libp2p debug" in proc.stderr) == (verbose == 2)
+    stderr = _stderr_with_cli_logging(verbose, "swarm = logging.getLogger('libp2p.network.swarm'); "
+                                      "swarm.warning('py-libp2p dial failure'); swarm.debug('py-libp2p debug'); "
+                                      "logging.getLogger('hivecell.node.daemon').warning('our warning')")
+    assert "our warning" in stderr
+    assert ("py-libp2p dial failure" in stderr) == (verbose == 2)
+    assert ("py-libp2p debug" in stderr) == (verbose == 2)
 
 
 def test_py_libp2p_modules_with_their_own_level_stay_below_the_cli_threshold():
     """Some py-libp2p modules set their own logger to INFO (the auto-connector logs every dial round); a parent's level
     does not filter what children propagate, so the libp2p logger's level must still be the threshold."""
-    code = ("import logging; from hivecell.node.cli import _setup_logging; _setup_logging(0); "
-            "import hivecell.mesh.host; "
-            "chatty = logging.getLogger('libp2p.network.auto_connector'); chatty.setLevel(logging.INFO); "
-            "chatty.info('initiating 200 new dials'); "
-            "logging.getLogger('libp2p').critical('py-libp2p critical')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "initiating 200 new dials" not in proc.stderr and "py-libp2p critical" in proc.stderr
+    stderr = _stderr_with_cli_logging(0, "chatty = logging.getLogger('libp2p.network.auto_connector'); "
+                                      "chatty.setLevel(logging.INFO); chatty.info('initiating 200 new dials'); "
+                                      "logging.getLogger('libp2p').critical('py-libp2p critical')")
+    assert "initiating 200 new dials" not in stderr and "py-libp2p critical" in stderr
