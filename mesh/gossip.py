@@ -20,6 +20,7 @@ advert it gets itself; an index peer is never trusted with anything but finding 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -30,6 +31,7 @@ from typing import ClassVar
 
 import trio
 
+from ._pubsub import apply as _patch_pubsub
 from .host import MeshHost, PeerUnreachable, RemoteError, Reply, short
 from .index import KEY_BYTES, MAX_ADVERT_BYTES, AdvertIndex, Verdict, parse_summary
 from .message import ErrorCode, Message, Protocol, RemoteProtocolError
@@ -124,15 +126,9 @@ def _batch(adverts: Iterable[bytes], cap: int = MAX_BATCH_BYTES) -> tuple[list[b
     return out, False
 
 
-def _patch_pubsub_queues() -> None:
-    """py-libp2p hard-wires a 32-message subscription queue and a 32-deep, 1 MiB per-peer outbound queue, and drops
-    silently past them (shared/notes/py-libp2p-0.8.1.md, pitfalls 3b-3d). Raise them, once, before any Pubsub starts."""
-    import libp2p.pubsub.pubsub as pubsub_module
-    import libp2p.pubsub.rpc_queue as rpc_queue
-
-    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, 1024)
-    if rpc_queue.RpcQueue.__init__.__defaults__ != (1024, 4 << 20):
-        rpc_queue.RpcQueue.__init__.__defaults__ = (1024, 4 << 20)
+def _content_id(msg) -> bytes:
+    """A gossipsub message id: the sha256 of the message's data (see ``GossipIndex.serve``)."""
+    return hashlib.sha256(msg.data).digest()
 
 
 class _OncePerMinute(logging.Filter):
@@ -322,7 +318,7 @@ class GossipIndex:
         from libp2p.pubsub.pubsub import Pubsub
         from libp2p.tools.anyio_service import background_trio_service
 
-        _patch_pubsub_queues()
+        _patch_pubsub()
         gossipsub_log = logging.getLogger("libp2p.pubsub.gossipsub")
         if _RATE_LIMIT_FILTER not in gossipsub_log.filters:
             gossipsub_log.addFilter(_RATE_LIMIT_FILTER)
@@ -330,8 +326,11 @@ class GossipIndex:
         # gossipsub v1.1, not v1.2: py-libp2p's v1.2 sends an IDONTWANT to every mesh peer for every message, which
         # doubled the RPCs and the CPU per delivered advert (23.6 -> 12.6 ms, 20 peers in one process); degree 3
         # instead of 6 cut duplicate deliveries to 7.8 ms. Anti-entropy repairs what a thinner mesh misses.
+        # degree_high 12, not 6: a peer over degree_high prunes the extra ones, and a pruned peer may not graft it
+        # again for the 60 s backoff. With 6, the well-connected peers of bench/discovery.py's 100-peer graph pruned
+        # the peers that had only 2-3 connections, and 4-6 of those were left with no mesh at all for the run.
         router = GossipSub(
-            [PROTOCOL_ID_V11, PROTOCOL_ID], degree=3, degree_low=2, degree_high=6,
+            [PROTOCOL_ID_V11, PROTOCOL_ID], degree=3, degree_low=2, degree_high=12,
             heartbeat_initial_delay=0.2, heartbeat_interval=self.config.heartbeat,  # type: ignore[arg-type]
             # Forwarders are rate-limited per topic; the per-signer bucket of the index is the real throttle.
             max_messages_per_topic_per_second=200.0,
@@ -339,7 +338,18 @@ class GossipIndex:
             # a subnet and it would keep the mesh from forming.
             eclipse_protection_enabled=False,
         )
-        pubsub = Pubsub(self.host.libp2p, router, max_inbound_rpc_size=MAX_INDEX_FRAME)
+        # py-libp2p's "GRAFT flood" check is inverted: it times the PRUNEs a peer *sent us*, so after peer A prunes
+        # B, B refuses A's GRAFTs for 10 s and prunes A back, which restarts A's clock. That too left peers with no
+        # mesh. The prune backoff, which py-libp2p checks right after, is the spec's protection against re-grafting
+        # too soon; keep only that.
+        router.graft_flood_threshold = 0.0
+        # Every advert is a record signed by its node, and the validator checks that signature before anything is
+        # filed or forwarded; a second signature by the publishing libp2p peer adds nothing but an Ed25519 sign and
+        # a verify per message. So messages go unsigned and are named by the hash of their content (the "StrictNoSign"
+        # mode with content ids that Ethereum's gossipsub topics use): a forwarder cannot forge an id to shadow
+        # somebody else's advert, and the same advert arriving twice is one message.
+        pubsub = Pubsub(self.host.libp2p, router, max_inbound_rpc_size=MAX_INDEX_FRAME, strict_signing=False,
+                        msg_id_constructor=_content_id)
         self._my_id = self.host.libp2p.get_id()
         async with background_trio_service(pubsub), background_trio_service(router):
             await pubsub.wait_until_ready()
