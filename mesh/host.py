@@ -35,6 +35,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from hivecell.crypto.identity import Identity
 
 
+from ._streams import apply as _patch_streams
 from .errors import BaseExceptionGroup, leaves
 from .frame import FrameError, FrameTooLarge, read_frame, write_frame
 from .message import ErrorCode, ErrorReply, Message, Protocol, RemoteProtocolError
@@ -286,6 +287,7 @@ class Replies:
 @asynccontextmanager
 async def open_host(identity: Identity, listen: list[str] | None = None) -> AsyncIterator[MeshHost]:
     """Start a libp2p host with ``identity`` listening on ``listen`` (default: loopback, a free port)."""
+    _patch_streams()
     addrs = [multiaddr.Multiaddr(a) for a in (listen or [DEFAULT_LISTEN])]
     keypair = _libp2p_keypair(identity)
     host = new_host(
