@@ -8,7 +8,8 @@ expired record) is forgotten unless another source still names it. Bootstrap add
 
 Clocks: signed records carry their issue time and are refused outside ``CLOCK_SKEW_S`` of the receiver's clock, so a
 box whose clock is off cannot take part. Every peer serves ``/hivecell/time/1.0.0`` (its wall clock), and each
-connected peer's clock is read on connection and every ``CLOCK_CHECK_S``: offset = its time - the midpoint of our
+connected peer's clock is read ``CLOCK_FIRST_S`` after it connects (a new connection's identify, gossip, anti-entropy
+and DHT exchanges go first) and then every ``CLOCK_CHECK_S``: offset = its time - the midpoint of our
 request and its answer (off by at most half the round trip). ``snapshot`` reports it and ``hivecell doctor`` checks it.
 """
 
@@ -32,9 +33,11 @@ logger = logging.getLogger(__name__)
 
 MAX_DIALS = 8
 REDIAL_S = 5.0
+MDNS_DEFER_S = 1.0  # of two daemons that find each other by mDNS, the one with the greater peer id waits this long
 BOOTSTRAP_RETRY_S = 15.0
 MAX_PEERS = 4096  # the book is bounded: mDNS answers are unauthenticated and anyone on the LAN can send them
-CLOCK_CHECK_S = 300.0  # read each connected peer's clock this often (and on connection)
+CLOCK_CHECK_S = 300.0  # read each connected peer's clock this often
+CLOCK_FIRST_S = 3.0  # and first this long after it connects
 CLOCK_TIMEOUT_S = 5.0
 MAX_CLOCK_READS = 4  # at once
 
@@ -68,7 +71,7 @@ class PeerEntry:
     dial_error: str = ""
     clock_offset_s: float | None = None  # the peer's clock minus ours, from the last reading
     clock_rtt_s: float | None = None  # the round trip of that reading: the offset is good to half of it
-    clock_read_at: float = -CLOCK_CHECK_S - 1  # monotonic time of the last attempt
+    clock_due: float | None = None  # monotonic time of the next reading (None: not seen connected yet)
     clock_error: str = ""
 
 
@@ -128,9 +131,19 @@ class Discovery:
         if time.monotonic() - entry.last_dial_failed < REDIAL_S:
             return
         if self._nursery is not None:
-            self._nursery.start_soon(self._dial, entry)
+            defer = MDNS_DEFER_S if source == "mdns" and self.announce and self.host.peer_id > peer_id else 0.0
+            self._nursery.start_soon(self._dial, entry, defer)
 
-    async def _dial(self, entry: PeerEntry) -> bool:
+    async def _dial(self, entry: PeerEntry, defer: float = 0.0) -> bool:
+        """Dial ``entry`` (after ``defer`` seconds, if it has not dialled us meanwhile).
+
+        Two daemons on a LAN find each other's mDNS records at the same moment, and if both dial, py-libp2p keeps
+        both connections, each set up in full (security, muxer, identify, gossipsub, DHT). So the one with the
+        smaller peer id dials at once and the other waits ``MDNS_DEFER_S`` for that connection, dialling itself only
+        if it does not come (the other side may not have seen our record). A client that does not announce itself,
+        and any other source (bootstrap, DHT), dials at once."""
+        if defer:
+            await trio.sleep(defer)
         async with self._dials:
             if entry.peer_id in self.host.connected_peers():
                 return True
@@ -179,8 +192,12 @@ class Discovery:
             now = time.monotonic()
             for peer in connected:
                 entry = self.peers.get(peer) or self._note(peer, [], "inbound")
-                if entry is not None and now - entry.clock_read_at >= CLOCK_CHECK_S:
-                    entry.clock_read_at = now
+                if entry is None:
+                    continue
+                if entry.clock_due is None:
+                    entry.clock_due = now + CLOCK_FIRST_S
+                if now >= entry.clock_due:
+                    entry.clock_due = now + CLOCK_CHECK_S
                     self._nursery.start_soon(self._read_clock, entry)  # type: ignore[union-attr]
             await trio.sleep(0.5)
 

@@ -8,10 +8,10 @@ files each message in the index and lets gossipsub forward only what was new, so
 and throttled adverts stop at the first honest peer.
 
 Gossipsub is fast but lossy (py-libp2p drops under bursts, rate-limits forwarders, and a peer that joins late never
-sees what was published before), so the index also converges by **anti-entropy** over ``/hivecell/index/1.0.0``: when a
-peer connects, and then every ``sync_interval`` seconds with one connected peer picked at random, a node sends its
-*summary* (32 bytes per record); the other side answers with the records the first lacks and the keys it wants, and
-the first pushes those. Every node initiates syncs (a node without the index role holds only its own adverts and so
+sees what was published before), so the index also converges by **anti-entropy** over ``/hivecell/index/1.0.0``: when
+two peers connect (one exchange per pair, see ``_syncs_on_connect``), and then every ``sync_interval`` seconds with
+one connected peer picked at random, a node sends its *summary* (32 bytes per record); the other side answers with the
+records the first lacks and the keys it wants, and the first pushes those. Every node initiates syncs (a node without the index role holds only its own adverts and so
 pushes them); only index peers answer them, and search requests.
 
 The same protocol answers searches (``IndexSearch``): a scientist asks one or more index peers and verifies every
@@ -287,8 +287,16 @@ class GossipIndex:
                 self._not_index[peer] = time.monotonic()  # e.g. a scientist's client: it does not speak the protocol
                 logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
 
+    def _syncs_on_connect(self, peer: str) -> bool:
+        """Whether this side starts the exchange with a newly connected peer. One exchange moves records both ways,
+        so of two index peers only the one with the smaller peer id starts it; a node without the index role always
+        starts (only it knows that it must push, and an index peer that starts gets refused). A new node on a LAN
+        meets every daemon at once, and halving these exchanges is part of answering its first searches sooner."""
+        return not self.config.index or self.host.peer_id < peer
+
     async def _anti_entropy(self) -> None:
-        """Sync with each newly connected peer at once, and with a random connected peer every sync_interval."""
+        """Sync with each newly connected peer at once (:meth:`_syncs_on_connect`), and with a random connected peer
+        every sync_interval."""
         known: set[str] = set()
         next_random = trio.current_time() + self.config.sync_interval * random.uniform(0.5, 1.0)
         async with trio.open_nursery() as nursery:
@@ -296,7 +304,8 @@ class GossipIndex:
                 connected = set(self.host.connected_peers())
                 for peer in connected - known:
                     self._not_index.pop(peer, None)  # a reconnect may be a restart with the index role now
-                    nursery.start_soon(self._sync_quietly, peer)
+                    if self._syncs_on_connect(peer):
+                        nursery.start_soon(self._sync_quietly, peer)
                 known = connected
                 if trio.current_time() >= next_random:
                     candidates = [p for p in connected if p not in self._not_index]

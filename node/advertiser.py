@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_S = 1.0
 FLUSH_S = 1.0
+DHT_FIRST_S = 5.0  # the first DHT puts wait this long after start: the LAN's connection burst goes first
 
 
 def budget_summary(budget: Any) -> dict[str, Any]:
@@ -117,7 +118,13 @@ class Advertiser:
 
     async def _put_in_dht(self) -> None:
         """Put what changed in the DHT once it has peers (a node that starts alone puts its adverts when it meets
-        its first peer). A task of its own: a slow DHT must not hold up the index or its persistence."""
+        its first peer). A task of its own: a slow DHT must not hold up the index or its persistence.
+
+        The first puts wait ``DHT_FIRST_S``: a node that starts on a LAN is connected to every daemon there within a
+        second, and each put is a lookup plus a request to each of them, all while those connections are being set
+        up and the node should be answering its first searches (bench/discovery.py's LAN section). The gossip
+        index carries the adverts on the LAN; the DHT is for peers beyond it, to whom a few seconds do not matter."""
+        await trio.sleep(DHT_FIRST_S)
         while True:
             await trio.sleep(1.0)
             if self.dht is None or not self._to_dht or not self.dht.has_peers():

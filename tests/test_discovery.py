@@ -166,6 +166,8 @@ async def test_the_dht_finds_a_dataset_that_no_index_peer_reaches(tmp_path, digi
     a = start_daemon(a_home.path, "--warm-workers", "0", "--no-index")
     c = start_daemon(c_home.path, "--warm-workers", "0", "--no-index", "--bootstrap", a.address)
     try:
+        # C puts its advert in the DHT a few seconds after it starts (DHT_FIRST_S); the scientist comes after that.
+        until(lambda: "DHT: 1 of 1 adverts put" in c.log_path.read_text(errors="replace"), "C's advert in the DHT")
         async with Client.join(bootstrap=[a.address], mdns=False, dht=False) as client:
             without = await client.search(tags=["far-away"], timeout=4)
         assert without == []  # A is no index peer, and it holds no such dataset itself
