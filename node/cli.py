@@ -6,12 +6,14 @@ Human output by default, ``--json`` for scripts on every listing; failures exit 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -268,9 +270,10 @@ def run(ctx: click.Context, **params: Any) -> None:
     Each option is taken from its flag, else its environment variable, else $HIVECELL_HOME/config.toml, else its
     default; `hivecell config show` prints the result.
     """
-    import trio
+    with _bulk_imports():
+        import trio
 
-    from .daemon import DaemonConfig, serve_daemon
+        from .daemon import DaemonConfig, serve_daemon
 
     _setup_logging(ctx.obj["verbose"], default=logging.INFO)
     from .home import DaemonRunning
@@ -309,6 +312,21 @@ def run(ctx: click.Context, **params: Any) -> None:
             if isinstance(leaf, OSError):
                 raise CliError(f"cannot start the daemon: {leaf}", ExitCode.FAILURE) from exc
         raise
+
+
+@contextmanager
+def _bulk_imports() -> Any:
+    """Import the heavy modules (py-libp2p alone: about 1.2 s here, and a few hundred thousand objects) with the
+    cyclic garbage collector off, then freeze what they made. Otherwise the collector walks those objects again and
+    again while they load (0.15 s of a daemon's start on this box) and in every full collection afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.freeze()
+            gc.enable()
 
 
 def _join_options(command: Any) -> Any:
@@ -364,9 +382,10 @@ def search(ctx: click.Context, words: tuple[str, ...], tags: tuple[str, ...], fi
     runs), asks the index peers it finds, and verifies every advert's signature before showing it. Exit code 3 if
     nothing was found.
     """
-    import trio
+    with _bulk_imports():
+        import trio
 
-    from .client import Client
+        from .client import Client
 
     async def main() -> list[Any]:
         async with Client.join(identity=_client_identity(ctx), bootstrap=_with_daemon_bootstrap(ctx, bootstrap),
@@ -408,9 +427,10 @@ def peers(ctx: click.Context, timeout: float, bootstrap: tuple[str, ...], mdns: 
     home = _home(ctx)
     info = home.peers_info() if home.daemon_running() else None
     if info is None:
-        import trio
+        with _bulk_imports():
+            import trio
 
-        from .client import Client
+            from .client import Client
 
         async def main() -> list[dict[str, Any]]:
             async with Client.join(identity=_client_identity(ctx), bootstrap=list(bootstrap), mdns=mdns,
@@ -1171,15 +1191,16 @@ def federate(ctx: click.Context, nodes: tuple[str, ...], tag: str, model: str, r
     after its sign-off verified. Prints a line per round (participants, stragglers, accuracy) or, with --json, the
     history: round, participants, dropped, seconds, accuracy, loss, epsilon.
     """
-    import trio
+    with _bulk_imports():
+        import trio
 
-    from hivecell.mesh.host import PeerUnreachable
+        from hivecell.mesh.host import PeerUnreachable
 
-    from .demo import DemoError, fedavg_digits
-    from .federate import FederationConfig, FederationFailed, federate as run_federation, plot_history, \
-        torch_evaluator
-    from .plan import PlanError, build_plan
-    from .zoo import MODELS, digits_example_input
+        from .demo import DemoError, fedavg_digits
+        from .federate import FederationConfig, FederationFailed, federate as run_federation, plot_history, \
+            torch_evaluator
+        from .plan import PlanError, build_plan
+        from .zoo import MODELS, digits_example_input
 
     if max_nodes is not None and max_nodes < min_nodes:
         raise CliError("--max-nodes must be at least --min-nodes", ExitCode.USAGE)
@@ -1265,7 +1286,8 @@ def demo(ctx: click.Context, nodes: int, epochs: int, rounds: int, workdir: Path
     """Start a local mesh of node daemons holding shards of the digits data with epsilon budgets, train a CNN on one
     with DP-SGD, verify the sign-off (epsilon spent, budget left), ask the node for a noisy evaluation, then federate
     a model over all of them with FedAvg for a few rounds."""
-    from .demo import DemoError, run_demo
+    with _bulk_imports():
+        from .demo import DemoError, run_demo
 
     try:
         report = run_demo(nodes=nodes, epochs=epochs, rounds=rounds, workdir=workdir, quiet=as_json)
