@@ -18,8 +18,9 @@ Sections, run one after the other (never two at once: the dev box has 2 shared c
                      the daemon being ready are reported per trial, with medians. The client polls every 0.1 s only
                      the peers that do not yet have the awaited dataset. At the end a cold ``hivecell search --expect
                      ALL`` runs in the client's member (``cold_cli_search``; baseline: ``import`` of the client
-                     module in a fresh python). Where namespaces cannot be made the section is
-                     ``{"skipped": reason}`` and the rest goes on.
+                     module in a fresh python). hivecell's bytecode is written first (``bytecode_compiled_first``),
+                     as an install leaves it: this sandbox never writes it on import. Where namespaces cannot be made
+                     the section is ``{"skipped": reason}`` and the rest goes on.
   convergence        For each N in --peers, N index peers (``open_gossip``, ``GossipConfig(index=True,
                      sync_interval=10)``, as the daemon) on 127.0.0.1, at most --per-process per worker process (this
                      file with ``--worker``) and at least one process per core. Peer i dials 1..3 random earlier
@@ -996,6 +997,20 @@ def _wait_daemon_json(home: Path, proc: subprocess.Popen, timeout: float) -> dic
     raise TimeoutError(f"daemon in {home} not ready after {timeout:.0f} s")
 
 
+def _compile_sources() -> bool:
+    """Write the bytecode of hivecell's own modules, as ``pip install`` (or a first start on a normal machine) leaves
+    it. This sandbox sets PYTHONDONTWRITEBYTECODE and the package is installed editable, so otherwise every daemon
+    started here would compile them again (about 0.2 s of its start)."""
+    import compileall
+
+    import hivecell.crypto
+    import hivecell.mesh
+    import hivecell.node
+
+    dirs = {str(Path(p)) for pkg in (hivecell.crypto, hivecell.mesh, hivecell.node) for p in pkg.__path__}
+    return all(compileall.compile_dir(d, quiet=1, maxlevels=0) for d in sorted(dirs))
+
+
 def lan_searchable(*, base: int, trials: int, settle: float, cold_search: bool, workdir: Path) -> dict[str, Any]:
     from netlan import namespace_lan, netns_available
 
@@ -1010,7 +1025,8 @@ def lan_searchable(*, base: int, trials: int, settle: float, cold_search: bool, 
     homes = {k: workdir / f"lan-{k}" for k in range(1, n_daemons + 1)}
     for k, home in homes.items():
         _prepare_home(home, f"lan-{k}", [tag, "digits"], seed=k)
-    out: dict[str, Any] = {"members": members, "base_daemons": base, "trials": trials}
+    out: dict[str, Any] = {"members": members, "base_daemons": base, "trials": trials,
+                           "bytecode_compiled_first": _compile_sources()}
     log(f"LAN: {members} namespaces ({base} base daemons, {trials} trials, client in member {client_k})")
     t = time.monotonic()
     with namespace_lan(members) as lan:
