@@ -10,9 +10,10 @@ and throttled adverts stop at the first honest peer.
 Gossipsub is fast but lossy (py-libp2p drops under bursts, rate-limits forwarders, and a peer that joins late never
 sees what was published before), so the index also converges by **anti-entropy** over ``/hivecell/index/1.0.0``: when
 two peers connect (one exchange per pair, see ``_syncs_on_connect``), and then every ``sync_interval`` seconds with
-one connected peer picked at random, a node sends its *summary* (32 bytes per record); the other side answers with the
-records the first lacks and the keys it wants, and the first pushes those. Every node initiates syncs (a node without the index role holds only its own adverts and so
-pushes them); only index peers answer them, and search requests.
+one connected peer picked at random (put off while gossip is filing new records, by one interval at most), a node sends
+its *summary* (32 bytes per record); the other side answers with the records the first lacks and the keys it wants,
+and the first pushes those. Every node initiates syncs (a node without the index role holds only its own adverts and
+so pushes them); only index peers answer them, and search requests.
 
 The same protocol answers searches (``IndexSearch``): a scientist asks one or more index peers and verifies every
 advert it gets itself; an index peer is never trusted with anything but finding records.
@@ -32,7 +33,7 @@ from typing import ClassVar
 import trio
 
 from ._pubsub import apply as _patch_pubsub
-from .host import MeshHost, PeerUnreachable, RemoteError, Reply, short
+from .host import MeshHost, PeerUnreachable, ProtocolUnsupported, RemoteError, Reply, short
 from .index import KEY_BYTES, MAX_ADVERT_BYTES, AdvertIndex, Verdict, parse_summary
 from .message import ErrorCode, Message, Protocol, RemoteProtocolError
 
@@ -47,6 +48,7 @@ TOPIC = "hivecell/adverts/1"
 MAX_INDEX_FRAME = 4 << 20
 MAX_BATCH_BYTES = 2 << 20  # adverts per delta or push; the rest follows in the next exchange
 MAX_WANT = 4096
+QUIET_S = 2.0  # a periodic anti-entropy sync waits until nothing new was filed for this long (see _anti_entropy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +169,7 @@ class GossipIndex:
         self.messages = {"published": 0, "sync_sent": 0, "sync_answered": 0, "adverts_sent": 0}
         self.on_new: Callable[[bytes], None] | None = None  # called for each advert filed as new (for waiters)
         self._changed = trio.Event()
+        self._last_new = -math.inf  # trio time of the last record filed as new
 
     # -- publishing ------------------------------------------------------------------------------------------------
     async def publish(self, raw: bytes) -> Verdict:
@@ -183,6 +186,7 @@ class GossipIndex:
         return verdict
 
     def _wake(self) -> None:
+        self._last_new = trio.current_time()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
@@ -283,8 +287,10 @@ class GossipIndex:
                 if exc.code == ErrorCode.FORBIDDEN:  # a peer without the index role: push to it never again
                     self._not_index[peer] = time.monotonic()
                 logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
-            except (PeerUnreachable, RemoteProtocolError) as exc:
+            except (ProtocolUnsupported, RemoteProtocolError) as exc:
                 self._not_index[peer] = time.monotonic()  # e.g. a scientist's client: it does not speak the protocol
+                logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
+            except PeerUnreachable as exc:  # a timeout or a broken stream says nothing about the peer's role
                 logger.debug("anti-entropy with %s failed: %s", short(peer), exc)
 
     def _syncs_on_connect(self, peer: str) -> bool:
@@ -307,7 +313,11 @@ class GossipIndex:
                     if self._syncs_on_connect(peer):
                         nursery.start_soon(self._sync_quietly, peer)
                 known = connected
-                if trio.current_time() >= next_random:
+                now = trio.current_time()
+                # While gossip is filing new adverts, a sync would mostly fetch what gossip is delivering anyway, on
+                # the same busy CPU: wait for a quiet moment, but never more than one extra interval.
+                busy = now - self._last_new < QUIET_S and now < next_random + self.config.sync_interval
+                if now >= next_random and not busy:
                     candidates = [p for p in connected if p not in self._not_index]
                     if candidates:
                         nursery.start_soon(self._sync_quietly, random.choice(candidates))

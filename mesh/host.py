@@ -40,7 +40,8 @@ from .errors import BaseExceptionGroup, leaves
 from .frame import FrameError, FrameTooLarge, read_frame, write_frame
 from .message import ErrorCode, ErrorReply, Message, Protocol, RemoteProtocolError
 
-__all__ = ["MeshHost", "open_host", "RemoteError", "PeerUnreachable", "Reply", "Replies", "short"]
+__all__ = ["MeshHost", "open_host", "RemoteError", "PeerUnreachable", "ProtocolUnsupported", "Reply", "Replies",
+           "short"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,25 @@ class RemoteError(Exception):
 
 class PeerUnreachable(Exception):
     """The peer could not be dialled, or the stream broke before a reply."""
+
+
+class ProtocolUnsupported(PeerUnreachable):
+    """The peer is connected but refused the protocol in the multistream-select negotiation (it does not serve it),
+    as opposed to a dial, a negotiation or a stream that failed or timed out (:class:`PeerUnreachable`)."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether py-libp2p's error for a stream open says the peer answered "na" to every protocol offered."""
+    from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ProtocolNotSupportedError) or "protocols not supported" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @dataclass
@@ -210,7 +230,8 @@ class MeshHost:
         try:
             stream = await self._host.new_stream(ID.from_base58(peer_id), [protocol.id])
         except Exception as exc:
-            raise PeerUnreachable(f"cannot open {protocol.id} to {short(peer_id)}: {exc}") from exc
+            kind = ProtocolUnsupported if _refused(exc) else PeerUnreachable
+            raise kind(f"cannot open {protocol.id} to {short(peer_id)}: {exc}") from exc
         try:
             yield stream
         finally:

@@ -12,7 +12,7 @@ from libp2p.peer.id import ID
 
 from hivecell.crypto.identity import Identity
 from hivecell.mesh import _streams
-from hivecell.mesh.host import PeerUnreachable, open_host
+from hivecell.mesh.host import PeerUnreachable, ProtocolUnsupported, open_host
 
 PROTO = "/hivecell-test/sink/1.0.0"
 MB = 1 << 20
@@ -99,9 +99,14 @@ async def test_requests_read_the_socket_ahead():
         for _ in range(20):
             hits = await a.request(b.peer_id, INDEX_PROTOCOL, IndexSearch(tags=["none"]), expect=IndexHits)
             assert hits.adverts == []
-        with pytest.raises(PeerUnreachable):  # a protocol the peer does not serve, as before
-            async with a.raw_stream(b.peer_id, type("P", (), {"id": "/hivecell-test/absent/1"})()):
+        absent = type("P", (), {"id": "/hivecell-test/absent/1"})()
+        with pytest.raises(ProtocolUnsupported):  # a refusal, told apart from a failure (for anti-entropy)
+            async with a.raw_stream(b.peer_id, absent):
                 pass
+        with pytest.raises(PeerUnreachable) as failed:  # a peer nobody can dial: a failure, not a refusal
+            async with a.raw_stream(Identity.generate().peer_id, absent):
+                pass
+        assert not isinstance(failed.value, ProtocolUnsupported)
         nursery.cancel_scope.cancel()
     reads = _streams.stats["socket_reads"] - before["socket_reads"]
     buffered = _streams.stats["buffered_reads"] - before["buffered_reads"]
