@@ -41,8 +41,10 @@ Sections, run one after the other (never two at once: the dev box has 2 shared c
                      also asks the DHT on a tag search) and with ``dht=False``. Baseline: the same queries on an
                      identical in-process ``AdvertIndex.search``.
   idle_daemon        ``hivecell run --no-mdns --warm-workers 0`` on loopback with one dataset (discovery, the index and
-                     anti-entropy run, as they always do): RSS and CPU over --idle-sample seconds after --idle-settle,
-                     alone and (not with --quick) while connected to a second daemon. Baselines: the RSS of a
+                     anti-entropy run, as they always do): RSS and CPU over --idle-sample seconds after --idle-settle
+                     (8 s: a daemon's one-off start-up work, its first DHT puts at 5 s and first clock reads 3 s after
+                     a peer connects, is over by then), alone and (not with --quick) while connected to a second
+                     daemon. Baselines: the RSS of a
                      python that only imports libp2p, dp_accounting, or the daemon's module. Reuses
                      bench/idle_daemon.py's helpers.
 
@@ -1240,7 +1242,7 @@ def main() -> None:
     parser.add_argument("--adverts", type=int, default=1000, help="adverts in the index peer of the search section")
     parser.add_argument("--requests", type=int, default=100, help="IndexSearch requests per query")
     parser.add_argument("--e2e-requests", type=int, default=20, help="Client.search calls per query")
-    parser.add_argument("--idle-settle", type=float, default=4.0)
+    parser.add_argument("--idle-settle", type=float, default=8.0)
     parser.add_argument("--idle-sample", type=float, default=10.0)
     parser.add_argument("--sections", default="lan,convergence,search,idle",
                         help="comma-separated: lan, convergence, search, idle")
