@@ -33,6 +33,7 @@ from typing import ClassVar
 import trio
 
 from ._pubsub import apply as _patch_pubsub
+from ._pubsub import spawn_messages_in as _spawn_messages_in
 from .host import MeshHost, PeerUnreachable, ProtocolUnsupported, RemoteError, Reply, short
 from .index import KEY_BYTES, MAX_ADVERT_BYTES, AdvertIndex, Verdict, parse_summary
 from .message import ErrorCode, Message, Protocol, RemoteProtocolError
@@ -380,6 +381,7 @@ class GossipIndex:
             self._pubsub = pubsub
             try:
                 async with trio.open_nursery() as nursery:
+                    _spawn_messages_in(pubsub, nursery)
                     nursery.start_soon(self._anti_entropy)
                     nursery.start_soon(self._sweep)
                     if subscription is not None:

@@ -212,3 +212,4 @@ async def test_a_burst_reaches_every_index_by_gossip_alone(nursery):
     assert delta["duplicates_dropped"] > 0  # a ring with chords delivers most adverts more than once
     assert delta["records_skipped"] > delta["records_verified"]
     assert delta["records_reused"] > delta["records_built"]
+    assert delta["messages_spawned"] > 0 and delta["message_errors"] == 0  # handled in the gossip service's nursery
