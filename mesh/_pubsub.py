@@ -49,6 +49,7 @@ import logging
 import math
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["COALESCE_BYTES", "RECORD_CACHE_S", "RECORD_REVERIFY_S", "apply", "spawn_messages_in", "stats"]
@@ -64,7 +65,8 @@ MAX_REMEMBERED_RECORDS = 4096
 
 _applied = False
 stats = {"records_built": 0, "records_reused": 0, "records_verified": 0, "records_skipped": 0, "rpcs_written": 0,
-         "rpcs_merged": 0, "duplicates_dropped": 0, "messages_spawned": 0, "message_errors": 0}
+         "rpcs_merged": 0, "duplicates_dropped": 0, "messages_spawned": 0, "message_errors": 0,
+         "messages_dropped_at_stop": 0}
 
 
 def apply() -> bool:
@@ -208,22 +210,31 @@ def _subscribed_and_unseen(self, msg) -> bool:
 
 
 # -- per instance: received messages handled in a nursery ---------------------------------------------------------
-def spawn_messages_in(pubsub, nursery) -> None:
+def spawn_messages_in(pubsub, nursery) -> Callable[[], None]:
     """Route ``pubsub``'s ``push_msg`` tasks (one per new received message) to ``nursery``; every other task still
-    goes to py-libp2p's manager. Nothing changes on a py-libp2p that :func:`apply` left unpatched."""
+    goes to py-libp2p's manager. Returns a function that puts the manager back (call it when the nursery closes).
+    Nothing changes on a py-libp2p that :func:`apply` left unpatched."""
     if not _applied:
-        return
+        return lambda: None
     run_task = pubsub.manager.run_task
     push_msg = pubsub.push_msg
 
     def routed_run_task(async_fn, *args, **kwargs) -> None:
-        if async_fn == push_msg and not kwargs:
-            stats["messages_spawned"] += 1
-            nursery.start_soon(_handle_message, async_fn, *args)
-        else:
+        if async_fn != push_msg or kwargs:
             run_task(async_fn, *args, **kwargs)
+            return
+        try:
+            nursery.start_soon(_handle_message, async_fn, *args)
+        except RuntimeError:  # the nursery has closed: the service is stopping, and so would the manager's task
+            stats["messages_dropped_at_stop"] += 1
+            return
+        stats["messages_spawned"] += 1
+
+    def restore() -> None:
+        pubsub.manager.run_task = run_task
 
     pubsub.manager.run_task = routed_run_task
+    return restore
 
 
 async def _handle_message(push_msg, forwarder, msg) -> None:

@@ -379,15 +379,18 @@ class GossipIndex:
             else:
                 subscription = None
             self._pubsub = pubsub
+            restore = None
             try:
                 async with trio.open_nursery() as nursery:
-                    _spawn_messages_in(pubsub, nursery)
+                    restore = _spawn_messages_in(pubsub, nursery)
                     nursery.start_soon(self._anti_entropy)
                     nursery.start_soon(self._sweep)
                     if subscription is not None:
                         nursery.start_soon(self._drain, subscription)
                     task_status.started()
             finally:
+                if restore is not None:  # messages that arrive while py-libp2p stops go to its manager again
+                    restore()
                 self._pubsub = None
 
     @staticmethod

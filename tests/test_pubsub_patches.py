@@ -213,3 +213,37 @@ async def test_a_burst_reaches_every_index_by_gossip_alone(nursery):
     assert delta["records_skipped"] > delta["records_verified"]
     assert delta["records_reused"] > delta["records_built"]
     assert delta["messages_spawned"] > 0 and delta["message_errors"] == 0  # handled in the gossip service's nursery
+
+
+async def test_a_message_that_arrives_while_the_service_stops_is_dropped_quietly():
+    """The race CI hit once: the gossip service's nursery had closed while py-libp2p's read loop, still running,
+    handed it a message. The routing refuses nothing else and hands the manager back."""
+
+    class Manager:  # records what reaches py-libp2p's manager
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def run_task(self, async_fn, *args, **kwargs) -> None:
+            self.calls.append(async_fn)
+
+    class Pubsub:  # what spawn_messages_in uses of a py-libp2p Pubsub
+        def __init__(self) -> None:
+            self.manager = Manager()
+
+        async def push_msg(self, forwarder, msg) -> None:
+            pass
+
+        async def other(self) -> None:
+            pass
+
+    pubsub = Pubsub()
+    async with trio.open_nursery() as nursery:
+        restore = _pubsub.spawn_messages_in(pubsub, nursery)
+        pubsub.manager.run_task(pubsub.push_msg, "peer", "message")  # runs in the nursery
+    before = dict(_pubsub.stats)
+    pubsub.manager.run_task(pubsub.push_msg, "peer", "message")  # the nursery is closed: dropped, no exception
+    assert _pubsub.stats["messages_dropped_at_stop"] == before["messages_dropped_at_stop"] + 1
+    pubsub.manager.run_task(pubsub.other)  # every other task still goes to the manager
+    restore()
+    pubsub.manager.run_task(pubsub.push_msg, "peer", "message")
+    assert pubsub.manager.calls == [pubsub.other, pubsub.push_msg]
