@@ -38,3 +38,17 @@ if _first_import:
     _logger.setLevel(level if level != logging.NOTSET else logging.WARNING)
     _logger.handlers[:] = handlers + ([_ToApplication()] if propagate else [])
     _logger.propagate = False
+
+
+PINNED = "0.8.1"  # the version mesh/_pubsub.py and mesh/_streams.py patch (pyproject.toml pins it)
+
+
+def is_pinned(what: str) -> bool:
+    """Whether the installed py-libp2p is :data:`PINNED`; if not, log that ``what`` stays unpatched."""
+    from importlib.metadata import version
+
+    found = version("libp2p")
+    if found != PINNED:
+        logging.getLogger(__name__).warning("py-libp2p %s is not the pinned %s: %s stays unpatched", found, PINNED,
+                                            what)
+    return found == PINNED

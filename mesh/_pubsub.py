@@ -52,11 +52,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ._libp2p import is_pinned
+
 __all__ = ["COALESCE_BYTES", "RECORD_CACHE_S", "RECORD_REVERIFY_S", "apply", "spawn_messages_in", "stats"]
 
 logger = logging.getLogger(__name__)
 
-PINNED = "0.8.1"
 RECORD_CACHE_S = 5.0
 RECORD_REVERIFY_S = 600.0
 READ_CHUNK = 64 << 10
@@ -74,12 +75,7 @@ def apply() -> bool:
     global _applied
     if _applied:
         return True
-    from importlib.metadata import version
-
-    found = version("libp2p")
-    if found != PINNED:
-        logger.warning("py-libp2p %s is not the pinned %s: its pubsub is left unpatched (slower gossip)", found,
-                       PINNED)
+    if not is_pinned("its pubsub (slower gossip)"):
         return False
     import libp2p.pubsub.floodsub as floodsub
     import libp2p.pubsub.gossipsub as gossipsub
@@ -196,6 +192,49 @@ async def _buffered_read(reader, max_length: int) -> bytes:
     return out
 
 
+# -- 5. coalesced sending ------------------------------------------------------------------------------------------
+def _publish_only(rpc) -> bool:
+    return bool(rpc.publish) and not rpc.subscriptions and not rpc.HasField("control")
+
+
+def _coalescing_sender(original):
+    async def handle_sending_messages(self, peer_id, stream, queue) -> None:
+        from libp2p.pubsub.pb import rpc_pb2
+
+        waiting = queue._queue  # the PriorityQueue behind RpcQueue: pop() without waiting
+        held = None  # an RPC popped while merging that must go out on its own, next
+        try:
+            while True:
+                rpc, held = (held, None) if held is not None else (await queue.pop(), None)
+                if rpc is None:
+                    return
+                if _publish_only(rpc) and len(waiting):
+                    merged = rpc_pb2.RPC()
+                    merged.CopyFrom(rpc)
+                    size = rpc.ByteSize()
+                    while len(waiting):
+                        nxt = waiting.pop()
+                        if nxt is None:
+                            break
+                        more = nxt.ByteSize()  # counts its own sender record: the merged RPC stays below the cap
+                        if not _publish_only(nxt) or size + more > COALESCE_BYTES:
+                            held = nxt
+                            break
+                        merged.publish.extend(nxt.publish)
+                        size += more
+                        stats["rpcs_merged"] += 1
+                    rpc = merged
+                stats["rpcs_written"] += 1
+                if not await self.write_msg(stream, rpc):
+                    return
+        except Exception:
+            logger.debug("pubsub sending loop for %s ended with an error", peer_id, exc_info=True)
+            self._handle_dead_peer(peer_id)
+
+    handle_sending_messages.__wrapped__ = original  # type: ignore[attr-defined]
+    return handle_sending_messages
+
+
 # -- 6. duplicates dropped before a task is spawned ----------------------------------------------------------------
 def _subscribed_and_unseen(self, msg) -> bool:
     """Pubsub's read loop asks this for every received message before it spawns a ``push_msg`` task for it, and
@@ -283,46 +322,3 @@ def _split_only_if_needed(original):
         return original(self, rpc)
 
     return split_rpc
-
-
-# -- 5. coalesced sending ------------------------------------------------------------------------------------------
-def _publish_only(rpc) -> bool:
-    return bool(rpc.publish) and not rpc.subscriptions and not rpc.HasField("control")
-
-
-def _coalescing_sender(original):
-    async def handle_sending_messages(self, peer_id, stream, queue) -> None:
-        from libp2p.pubsub.pb import rpc_pb2
-
-        waiting = queue._queue  # the PriorityQueue behind RpcQueue: pop() without waiting
-        held = None  # an RPC popped while merging that must go out on its own, next
-        try:
-            while True:
-                rpc, held = (held, None) if held is not None else (await queue.pop(), None)
-                if rpc is None:
-                    return
-                if _publish_only(rpc) and len(waiting):
-                    merged = rpc_pb2.RPC()
-                    merged.CopyFrom(rpc)
-                    size = rpc.ByteSize()
-                    while len(waiting):
-                        nxt = waiting.pop()
-                        if nxt is None:
-                            break
-                        more = nxt.ByteSize()  # counts its own sender record: the merged RPC stays below the cap
-                        if not _publish_only(nxt) or size + more > COALESCE_BYTES:
-                            held = nxt
-                            break
-                        merged.publish.extend(nxt.publish)
-                        size += more
-                        stats["rpcs_merged"] += 1
-                    rpc = merged
-                stats["rpcs_written"] += 1
-                if not await self.write_msg(stream, rpc):
-                    return
-        except Exception:
-            logger.debug("pubsub sending loop for %s ended with an error", peer_id, exc_info=True)
-            self._handle_dead_peer(peer_id)
-
-    handle_sending_messages.__wrapped__ = original  # type: ignore[attr-defined]
-    return handle_sending_messages

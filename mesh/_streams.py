@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 
+from ._libp2p import is_pinned
+
 __all__ = ["apply", "stats"]
 
 logger = logging.getLogger(__name__)
 
-PINNED = "0.8.1"
 READ_AHEAD = 64 << 10
 stats = {"window_updates_sent": 0, "window_updates_deferred": 0, "pipelined_selects": 0, "socket_reads": 0,
          "buffered_reads": 0}
@@ -42,12 +43,7 @@ def apply() -> bool:
     global _applied
     if _applied:
         return True
-    from importlib.metadata import version
-
-    found = version("libp2p")
-    if found != PINNED:
-        logger.warning("py-libp2p %s is not the pinned %s: its streams are left unpatched (slower requests)",
-                       found, PINNED)
+    if not is_pinned("its streams (slower requests)"):
         return False
     from libp2p.protocol_muxer.multiselect_client import MultiselectClient
     from libp2p.io.trio import TrioTCPStream
