@@ -13,6 +13,14 @@ box, both sides together, for a few hundred bytes. py-spy put most of it in two 
   protocol and waits again. The spec lets the dialler send both at once (go-libp2p does); :func:`apply` makes the
   dialler write the header and its first choice in one write and then read both answers. A listener that refuses
   the first choice gets the rest one at a time, as before.
+- **Window auto-tuning stuck at 256 KiB.** py-libp2p doubles a stream's receive window (up to 16 MiB) when two
+  updates come within four round-trip times, as go-yamux does, with the RTT its Yamux pings measured. On loopback or
+  a LAN that RTT is 0.1-0.3 ms, while the time from a sender's write to the reader's credit is Python scheduling on
+  both sides: milliseconds. When a ping had measured the connection before a large transfer, the window never grew,
+  and every stream on that connection crawled at 25-30 MB/s instead of 150-280 (2 of 6 runs of
+  ``bench/transfer.py``'s stream mode, whole runs at a time; it decides the speed of the lane's stream fallback and
+  of job frames). :func:`apply` gives the RTT used for auto-tuning a floor of ``AUTOTUNE_RTT_FLOOR`` (5 ms). The
+  window still grows only for a reader that keeps up, so a slow reader holds no more than before.
 - **Reads from the socket.** Noise reads each message's 2-byte length and then its body, each a separate read on
   the TCP stream, so every frame cost two ``recv`` calls and two trips through trio. :func:`apply` gives py-libp2p's
   TCP stream a read-ahead buffer: a read takes up to 64 KiB from the socket and later reads are served from what is
@@ -32,14 +40,15 @@ __all__ = ["apply", "stats"]
 logger = logging.getLogger(__name__)
 
 READ_AHEAD = 64 << 10
+AUTOTUNE_RTT_FLOOR = 0.005  # seconds: a write-to-credit cycle between two Python peers, not the wire's RTT
 stats = {"window_updates_sent": 0, "window_updates_deferred": 0, "pipelined_selects": 0, "socket_reads": 0,
          "buffered_reads": 0}
 _applied = False
 
 
 def apply() -> bool:
-    """Patch py-libp2p's Yamux window updates, multistream-select dialler and TCP reads (once per process); returns
-    whether the patches are in place."""
+    """Patch py-libp2p's Yamux window updates and auto-tuning, multistream-select dialler and TCP reads (once per
+    process); returns whether the patches are in place."""
     global _applied
     if _applied:
         return True
@@ -50,6 +59,7 @@ def apply() -> bool:
     from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
     YamuxStream._auto_tune_and_send_window_update = _window_update_at_half
+    YamuxStream._effective_rtt = _rtt_with_floor(YamuxStream._effective_rtt)
     MultiselectClient.select_one_of = _pipelined_select(MultiselectClient.select_one_of)
     TrioTCPStream.read = _read_ahead
     _applied = True
@@ -71,6 +81,13 @@ async def _window_update_at_half(self, *, bytes_read: int = 0) -> None:
         await self.send_window_update(total, skip_lock=True)
     elif bytes_read:
         stats["window_updates_deferred"] += 1
+
+
+def _rtt_with_floor(original):
+    def _effective_rtt(self) -> float:
+        return max(original(self), AUTOTUNE_RTT_FLOOR)
+
+    return _effective_rtt
 
 
 async def _read_ahead(self, n: int | None = None) -> bytes:

@@ -57,6 +57,41 @@ async def test_a_large_stream_read_in_small_pieces_never_stalls():
     assert 0 < sent < 60 < deferred  # py-libp2p sent one per read: thousands here
 
 
+async def test_window_grows_on_a_connection_whose_ping_measured_a_tiny_rtt():
+    """A ping that measured 0.2 ms (loopback) used to keep the receive window at 256 KiB for good, and a stream at
+    25-30 MB/s: auto-tuning doubles the window only for updates within 4 RTTs, and between two Python peers a
+    write-to-credit cycle takes milliseconds. With the RTT floor the window grows on that connection too."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+
+    payload = random.Random(5).randbytes(8 * MB)
+    windows: list[int] = []
+
+    async def sink(stream) -> None:
+        muxed = stream.muxed_stream
+        assert isinstance(muxed, YamuxStream)
+        muxed.conn._rtt = 0.0002  # as py-libp2p's Yamux ping measures it on loopback
+        assert muxed._effective_rtt() == _streams.AUTOTUNE_RTT_FLOOR
+        got = 0
+        while got < len(payload):
+            chunk = await stream.read(1 << 20)
+            assert chunk
+            got += len(chunk)
+        windows.append(muxed.target_recv_window)
+        await stream.write(b"k")
+        await stream.close()
+
+    async with open_host(Identity.generate()) as a, open_host(Identity.generate()) as b:
+        b.libp2p.set_stream_handler(PROTO, sink)
+        await a.connect(b.addrs()[0])
+        stream = await a.libp2p.new_stream(ID.from_base58(b.peer_id), [PROTO])
+        with trio.fail_after(60):
+            for i in range(0, len(payload), MB):
+                await stream.write(payload[i:i + MB])
+            assert await stream.read(1) == b"k"
+        await stream.close()
+    assert windows and windows[0] >= 8 * DEFAULT_WINDOW_SIZE, windows
+
+
 async def test_the_dialler_pipelines_and_falls_back_to_its_next_choice():
     async def echo(stream) -> None:
         await stream.write(await stream.read(100))
