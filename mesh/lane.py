@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-One py-libp2p stream (TCP + Noise + Yamux, all in Python) carries ~45 MB/s on loopback, plain TCP ~1,800 MB/s
-(shared/notes/py-libp2p-0.8.1.md, section 2). Models and updates therefore travel on a *lane*: a TCP connection of
-their own, secured with TLS 1.3 from Python's :mod:`ssl` (OpenSSL does the records and the AEAD in C), one blob per
+One py-libp2p stream (TCP + Noise + Yamux, all in Python) carried 45-70 MB/s on loopback in earlier measurements
+(shared/notes/py-libp2p-0.8.1.md, section 2) and 180-250 MB/s on the box of 2026-11-25 (150-260 without ``_streams``'
+patches), at 7-9 CPU-s per GB for both sides together; plain TCP carries 2,500-3,500 MB/s there. Models and updates therefore travel on a *lane*: a TCP connection
+of their own, secured with TLS 1.3 from Python's :mod:`ssl` (OpenSSL does the records and the AEAD in C), one blob per
 connection, no multiplexer, read straight into the receiver's buffer.
 
 Transfers are **pulled**: a node serves only the blobs it has registered with :meth:`Lane.offer` (optionally only to
