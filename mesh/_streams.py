@@ -13,14 +13,15 @@ box, both sides together, for a few hundred bytes. py-spy put most of it in two 
   protocol and waits again. The spec lets the dialler send both at once (go-libp2p does); :func:`apply` makes the
   dialler write the header and its first choice in one write and then read both answers. A listener that refuses
   the first choice gets the rest one at a time, as before.
-- **Window auto-tuning stuck at 256 KiB.** py-libp2p doubles a stream's receive window (up to 16 MiB) when two
-  updates come within four round-trip times, as go-yamux does, with the RTT its Yamux pings measured. On loopback or
-  a LAN that RTT is 0.1-0.3 ms, while the time from a sender's write to the reader's credit is Python scheduling on
-  both sides: milliseconds. When a ping had measured the connection before a large transfer, the window never grew,
-  and every stream on that connection crawled at 25-30 MB/s instead of 150-280 (2 of 6 runs of
-  ``bench/transfer.py``'s stream mode, whole runs at a time; it decides the speed of the lane's stream fallback and
-  of job frames). :func:`apply` gives the RTT used for auto-tuning a floor of ``AUTOTUNE_RTT_FLOOR`` (5 ms). The
-  window still grows only for a reader that keeps up, so a slow reader holds no more than before.
+- **Window auto-tuning stuck at 256 KiB.** Every stream starts with a 256 KiB receive window, and py-libp2p doubles
+  it (up to 16 MiB) when two updates come within four round-trip times, as go-yamux does, with the RTT of its Yamux
+  pings (0.5 s after a connection opens, then every 30 s; 1 ms is assumed before the first). Between two Python peers
+  the time from a write to the reader's credit is event-loop scheduling on both sides: milliseconds. Where the ping
+  found both peers idle it measured 0.2-0.4 ms on loopback, and from then on no stream on that connection grew its
+  window: they crawled at 25-40 MB/s instead of 150-280 (1-2 runs in 6 of ``bench/transfer.py``'s stream mode; where
+  the ping caught the peers busy it measured 1.7-6.8 ms and windows grew). It decides the speed of the lane's stream
+  fallback and of job frames. :func:`apply` gives the RTT used for auto-tuning a floor of ``AUTOTUNE_RTT_FLOOR`` (5
+  ms). A window still grows only for a reader that keeps up, so a slow reader holds no more than before.
 - **Reads from the socket.** Noise reads each message's 2-byte length and then its body, each a separate read on
   the TCP stream, so every frame cost two ``recv`` calls and two trips through trio. :func:`apply` gives py-libp2p's
   TCP stream a read-ahead buffer: a read takes up to 64 KiB from the socket and later reads are served from what is
