@@ -763,7 +763,7 @@ def main() -> None:
     parser.add_argument("--only-lane-effect", action="store_true", help="measure only the lane's effect")
     parser.add_argument("--update", choices=UPDATE_ENCODINGS, default="full",
                         help="how nodes send updates (recipe `update`): full float32 weights, or the change from the "
-                             "round's weights in fp16 or int8 (default full)")
+                             "round's weights in fp16, bf16 or int8 (default full)")
     parser.add_argument("--lane-threshold", type=int, default=None, metavar="BYTES",
                         help="weights and results above BYTES go on the bulk lane, in the coordinator and the nodes "
                              "(default: the product's, 1 MiB, which keeps the digits CNN's 0.6 MB inline)")

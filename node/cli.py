@@ -1171,9 +1171,11 @@ def owner_sign(request: Path, key_path: Path, output: Path) -> None:
 @click.option("--epochs", type=click.IntRange(1, 1000), default=1, show_default=True, help="Local epochs per round.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(1e-6, 10), default=0.05, show_default=True, help="Local SGD step size.")
-@click.option("--update", "update", type=click.Choice(["full", "fp16", "int8"]), default="full", show_default=True,
+@click.option("--update", "update", type=click.Choice(["full", "fp16", "bf16", "int8"]), default="full",
+              show_default=True,
               help="How nodes send their updates: full float32 weights, or the change from the round's weights in "
-                   "fp16 (half the bytes) or int8 with a per-tensor scale (a quarter).")
+                   "fp16 or bf16 (half the bytes; bf16 keeps the tiny changes of a small --lr that fp16 loses) or "
+                   "int8 with a per-tensor scale (a quarter).")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint every round here; run again with the same directory to resume.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -87,7 +87,7 @@ class JobResult:
     signoff_record: bytes
     result_hash: str
     timings: dict[str, Any] = field(default_factory=dict)  # the node's own account of the job (not signed)
-    # a recipe with ``update`` (fp16/int8, named in the weights' metadata): ``weights`` is the change from the
+    # a recipe with ``update`` (fp16/bf16/int8, named in the weights' metadata): ``weights`` is the change from the
     # weights the job was sent, which Client.train keeps here so that state_dict() and apply_to() give the trained ones
     sent_weights: bytes = b""
 

@@ -242,7 +242,8 @@ def _load(directory: Path, fingerprint: str, strategy: Strategy
 async def _train_on(node: _Node, plan: Plan, deadline: float, record: RoundRecord,
                     updates: list[tuple[Update, dict[str, Any]]], base: dict[str, np.ndarray]) -> None:
     """Run one participant's job; put its verified update in ``updates`` or its reason in ``record``. ``base``: the
-    round's global weights, which an update encoded as ``fp16``/``int8`` (recipe ``update``) is the change from."""
+    round's global weights, which an update encoded as ``fp16``/``bf16``/``int8`` (recipe ``update``) is the change
+    from."""
     peer = node.peer
     try:
         with trio.fail_after(max(0.0, deadline - trio.current_time())):

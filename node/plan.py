@@ -112,9 +112,10 @@ _RECIPE_KEYS = frozenset(
     {"kind", "task", "loss", "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "metrics",
      "eval_fraction", "seed", "dp", "prox_mu", "update"}
 )
-UPDATE_ENCODINGS = ("full", "fp16", "int8")
+UPDATE_ENCODINGS = ("full", "fp16", "bf16", "int8")
 _UPDATE_META = "hivecell.update"
 _SCALE_SUFFIX = ".q8scale"
+_HALF_DTYPES = {"fp16": ("F16", "float16"), "bf16": ("BF16", "bfloat16")}  # encoding: (safetensors, torch) dtype
 _EVAL_KEYS = ("kind", "task", "loss", "metrics", "batch_size", "dp")  # the rest of _RECIPE_KEYS is about training
 _DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_grad_norm", "delta"})
 _EVAL_DP_KEYS = frozenset({"noise_multiplier", "target_epsilon", "max_loss", "delta"})
@@ -188,7 +189,7 @@ class Recipe:
     seed: int = 0
     dp: DpSpec | None = None  # None: no differential privacy
     prox_mu: float = 0.0  # FedProx's proximal term: mu/2 * ||w - w_start||^2 added to the training loss
-    update: str = "full"  # "fp16" / "int8": the result is the change from the job's weights, compressed (encode_update)
+    update: str = "full"  # fp16/bf16/int8: the result is the change from the job's weights, compressed (encode_update)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe; ``kind`` never appears (``"train"`` is the default) and ``dp`` only when set, so
@@ -729,6 +730,7 @@ _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32":
 _MAX_HEADER = 16 << 20
 _NUMPY_TO_ST = {"f8": "F64", "f4": "F32", "f2": "F16", "i8": "I64", "i4": "I32", "i2": "I16", "i1": "I8", "u1": "U8",
                 "b1": "BOOL"}
+_ST_TO_NUMPY = {st: ("|" if np_code[1] == "1" else "<") + np_code for np_code, st in _NUMPY_TO_ST.items()}
 
 
 def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -883,9 +885,11 @@ def _serialize_graph(ep: Any) -> bytes:
 def encode_update(start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], encoding: str) -> bytes:
     """A job's trained weights as their change from the weights it started from, compressed (recipe ``update``).
 
-    ``fp16``: every floating-point tensor's difference in half precision (half the bytes of float32). ``int8``: the
-    difference rounded to 127 steps of a per-tensor scale (``max |difference| / 127``, stored as ``NAME.q8scale``,
-    float32): a quarter of the bytes, an error of at most half a step per value. Integer tensors (batch norm's
+    ``fp16``: every floating-point tensor's difference in half precision (half the bytes of float32; 11 significant
+    bits, but changes under 6e-5 lose bits and under 3e-8 vanish). ``bf16``: the same in bfloat16 (half the bytes, 8
+    significant bits, float32's range: the tiny changes of a small learning rate survive). ``int8``: the difference
+    rounded to 127 steps of a per-tensor scale (``max |difference| / 127``, stored as ``NAME.q8scale``, float32): a
+    quarter of the bytes, an error of at most half a step per value. Integer tensors (batch norm's
     counter) are sent whole. A difference that is not finite stays so (a NaN scale for int8), so the coordinator's
     finite check refuses the update. The encoding is named in the safetensors metadata; :func:`decode_update` undoes
     it against the same starting weights.
@@ -902,8 +906,8 @@ def encode_update(start: Mapping[str, torch.Tensor], trained: Mapping[str, torch
             out[name] = tensor.contiguous()
             continue
         delta = tensor.float() - start[name].detach().cpu().float()
-        if encoding == "fp16":
-            out[name] = delta.half().contiguous()
+        if encoding in _HALF_DTYPES:
+            out[name] = delta.to(getattr(torch, _HALF_DTYPES[encoding][1])).contiguous()
             continue
         if name + _SCALE_SUFFIX in trained:
             raise ValueError(f"cannot encode int8: the model has a tensor named {name + _SCALE_SUFFIX}")
@@ -941,8 +945,8 @@ def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
         shape = tuple(int(d) for d in array.shape)
         if array.dtype.kind != "f":
             want[name] = (_NUMPY_TO_ST.get(array.dtype.str.lstrip("<>|="), "?"), shape)
-        elif encoding == "fp16":
-            want[name] = ("F16", shape)
+        elif encoding in _HALF_DTYPES:
+            want[name] = (_HALF_DTYPES[encoding][0], shape)
         else:
             want[name], want[name + _SCALE_SUFFIX] = ("I8", shape), ("F32", (1,))
     if header != want:
@@ -950,7 +954,7 @@ def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
         wrong = sorted(k for k in set(want) & set(header) if want[k] != header[k])
         raise ValueError(f"the update does not match the model: missing {missing[:3]}, unexpected {extra[:3]}, "
                          f"wrong dtype or shape {wrong[:3]}")
-    tensors = load(bytes(data))
+    tensors = _bf16_as_float32(data) if encoding == "bf16" else load(bytes(data))  # numpy has no bfloat16
     out: dict[str, np.ndarray] = {}
     for name, array in base.items():
         if array.dtype.kind != "f":
@@ -963,8 +967,30 @@ def decode_update(data: bytes, base: Mapping[str, np.ndarray], encoding: str, *,
     return out
 
 
+def _bf16_as_float32(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of safetensors bytes that :func:`_audit_safetensors` passed, BF16 ones widened to float32 (a
+    bfloat16 is the top half of a float32: exact)."""
+    import numpy as np
+
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    start = 8 + header_len
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        stored = "<u2" if dtype == "BF16" else _ST_TO_NUMPY[dtype]
+        width = np.dtype(stored).itemsize
+        array = np.frombuffer(data, dtype=stored, count=(end - begin) // width, offset=start + begin)
+        if dtype == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[name] = array.reshape(shape).copy()
+    return out
+
+
 def update_encoding(data: bytes) -> str:
-    """``"fp16"``/``"int8"`` for an update made by :func:`encode_update`, ``"full"`` for plain weights."""
+    """``"fp16"``/``"bf16"``/``"int8"`` for an update made by :func:`encode_update`, ``"full"`` for plain weights."""
     try:
         _, meta = _audit_safetensors(data, max_bytes=1 << 30)
     except PlanError:

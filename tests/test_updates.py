@@ -1,4 +1,4 @@
-"""Compressed updates (recipe ``update``: ``fp16``, ``int8``): a node sends the change from the round's weights in
+"""Compressed updates (recipe ``update``: ``fp16``, ``bf16``, ``int8``): a node sends the change from the round's weights in
 fewer bytes, and the coordinator rebuilds the trained weights before screening and aggregating them.
 
 Unit tests on real tensors for the encoding's error bounds, sizes and refusals, and a federation over real daemons
@@ -60,7 +60,10 @@ def _numpy(state: dict) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("encoding", ["fp16", "int8"])
+HALF_BITS = {"fp16": 11, "bf16": 8}  # significant bits: the rounding error is at most 2**-bits of a value
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16", "int8"])
 def test_the_trained_weights_come_back_within_the_encodings_error(encoding: str) -> None:
     start, trained = _trained(WithBatchNorm())
     out = decode_update(encode_update(start, trained, encoding), _numpy(start), encoding)
@@ -72,20 +75,47 @@ def test_the_trained_weights_come_back_within_the_encodings_error(encoding: str)
             assert np.array_equal(got, want), name  # integer buffers travel whole
             continue
         delta = np.abs(want - start[name].numpy()).max()
-        # fp16: 11 significant bits of the change; int8: half a step of max|change| / 127
-        bound = delta * (2.0**-11 if encoding == "fp16" else 0.5 / 127) + 1e-7
+        # fp16/bf16: 11/8 significant bits of the change; int8: half a step of max|change| / 127
+        bound = delta * (2.0 ** -HALF_BITS[encoding] if encoding in HALF_BITS else 0.5 / 127) + 1e-7
         assert np.abs(got - want).max() <= bound, name
 
 
-def test_fp16_halves_and_int8_quarters_the_bytes() -> None:
+def test_fp16_and_bf16_halve_and_int8_quarters_the_bytes() -> None:
     start, trained = _trained(FedDigitsCNN())
     full = len(save(trained))
     assert full > 500_000
     assert len(encode_update(start, trained, "fp16")) < 0.51 * full
+    assert len(encode_update(start, trained, "bf16")) < 0.51 * full
     assert len(encode_update(start, trained, "int8")) < 0.26 * full
 
 
-@pytest.mark.parametrize("encoding", ["fp16", "int8"])
+def test_bf16_keeps_the_tiny_changes_that_fp16_loses() -> None:
+    """Changes of 1e-8 to 1e-5 (a small learning rate's steps) to float32 weights: fp16 flushes those under 3e-8 to
+    zero (and keeps few bits of those under 6e-5), bf16 keeps 8 bits of every one, as it has float32's range."""
+    start, _ = _trained(WithBatchNorm())
+    torch.manual_seed(1)
+    trained = {}
+    for name, tensor in start.items():
+        if tensor.is_floating_point():
+            magnitude = 10.0 ** torch.empty_like(tensor).uniform_(-8, -5)
+            trained[name] = tensor + magnitude * torch.sign(torch.randn_like(tensor))
+        else:
+            trained[name] = tensor
+    base = _numpy(start)
+    want, first = trained["fc.weight"].numpy(), base["fc.weight"]
+    change = want - first  # exact in float32: the change that encode_update sees
+    assert (change != 0).all()
+    vanished = {}
+    for encoding in ("bf16", "fp16"):
+        got = decode_update(encode_update(start, trained, encoding), base, encoding)["fc.weight"]
+        vanished[encoding] = float(((got == first) & (change != 0)).mean())
+        if encoding == "bf16":  # 8 bits of the change, then float32's own rounding of the sum
+            assert (np.abs(got - want) <= np.abs(change) * 2.0**-8 + np.spacing(np.abs(want)) / 2).all()
+    assert vanished["bf16"] == 0.0
+    assert vanished["fp16"] > 0.1  # about 16% of the changes are under 3e-8 here
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16", "int8"])
 def test_a_diverged_update_stays_non_finite_and_is_screened_out(encoding: str) -> None:
     start, trained = _trained(WithBatchNorm())
     trained["fc.weight"][0, 0] = float("nan")
@@ -126,23 +156,26 @@ def test_updates_that_do_not_fit_the_model_are_refused() -> None:
 def test_the_recipe_names_the_encoding() -> None:
     assert validate_recipe({"update": "int8"}).to_dict()["update"] == "int8"
     assert validate_recipe({"update": "full"}).to_dict() == validate_recipe({}).to_dict()  # plans hash as before
-    with pytest.raises(PlanError, match="update must be one of full, fp16, int8"):
+    assert validate_recipe({"update": "bf16"}).to_dict()["update"] == "bf16"
+    with pytest.raises(PlanError, match="update must be one of full, fp16, bf16, int8"):
         validate_recipe({"update": "int4"})
     with pytest.raises(PlanError, match="update is a training key"):
         validate_recipe({"kind": "evaluate", "update": "fp16"})
 
 
-def test_apply_update_rebuilds_the_weights_a_job_trained() -> None:
+@pytest.mark.parametrize("encoding", ["fp16", "bf16"])
+def test_apply_update_rebuilds_the_weights_a_job_trained(encoding: str) -> None:
     start, trained = _trained(WithBatchNorm())
     weights = save(start)
-    update = encode_update(start, trained, "fp16")
-    assert update_encoding(update) == "fp16" and update_encoding(weights) == "full" and update_encoding(b"x") == "full"
-    rebuilt = decode_weights(apply_update(weights, update, "fp16"))
-    assert np.abs(rebuilt["conv.weight"] - trained["conv.weight"].numpy()).max() < 1e-4
+    update = encode_update(start, trained, encoding)
+    assert update_encoding(update) == encoding
+    assert update_encoding(weights) == "full" and update_encoding(b"x") == "full"
+    rebuilt = decode_weights(apply_update(weights, update, encoding))
+    assert np.abs(rebuilt["conv.weight"] - trained["conv.weight"].numpy()).max() < 2e-4
 
 
 @pytest.mark.slow
-async def test_an_int8_round_lands_where_a_full_round_does(tmp_path: Path) -> None:
+async def test_int8_and_bf16_rounds_land_where_a_full_round_does(tmp_path: Path) -> None:
     shards, _ = fedavg_digits(2)
     daemons = []
     try:
@@ -155,18 +188,26 @@ async def test_an_int8_round_lands_where_a_full_round_does(tmp_path: Path) -> No
         full_plan = build_plan(FedDigitsCNN(), digits_example_input(), recipe)
         int8_plan = build_plan(FedDigitsCNN(), digits_example_input(), dict(recipe, update="int8"))
         int8_plan = replace(int8_plan, weights=full_plan.weights)
+        bf16_plan = replace(build_plan(FedDigitsCNN(), digits_example_input(), dict(recipe, update="bf16")),
+                            weights=full_plan.weights)
         config = FederationConfig(rounds=1, min_nodes=2, deadline_s=300)
         addresses = [d.address for d in daemons]
         full = await federate(addresses, full_plan, config=config)
         small = await federate(addresses, int8_plan, config=config)
+        half = await federate(addresses, bf16_plan, config=config)
     finally:
         for d in daemons:
             d.stop()
-    (f,), (s,) = full.history, small.history
+    (f,), (s,), (h,) = full.history, small.history, half.history
     assert f.applied and s.applied and len(s.accepted) == 2 and not s.dropped
+    assert h.applied and len(h.accepted) == 2 and not h.dropped
     assert s.bytes_received < 0.27 * f.bytes_received  # what came back from the nodes
+    assert h.bytes_received < 0.51 * f.bytes_received
     start = decode_weights(full_plan.weights)
-    g_full, g_int8 = decode_weights(full.weights), decode_weights(small.weights)
+    g_full = decode_weights(full.weights)
     moved = np.sqrt(sum(((g_full[k] - start[k]) ** 2).sum() for k in start))
-    error = np.sqrt(sum(((g_int8[k] - g_full[k]) ** 2).sum() for k in start))
-    assert moved > 0 and error < 0.02 * moved  # same start, same seeds: the same round, up to int8 rounding
+    assert moved > 0
+    # Same start, same seeds: the same round, up to the encoding's rounding (bf16: 2**-8 of each change).
+    for result, bound in ((small, 0.02), (half, 0.01)):
+        g = decode_weights(result.weights)
+        assert np.sqrt(sum(((g[k] - g_full[k]) ** 2).sum() for k in start)) < bound * moved
