@@ -37,7 +37,7 @@ from .advertiser import Advertiser, load_index
 from .dataset import ADVERT_TTL_S, DatasetError, check_name, make_advert
 from .home import Home
 from .owner import load_owner
-from .plan import PlanError, audit_program, audit_weights, plan_hash, validate_recipe
+from .plan import PlanError, audit_program, audit_weights, plan_hash_of, validate_recipe
 from .privacy import price_job
 from .ledger import LedgerError
 from .release import complete_job, fail_entry, plan_blobs, reserve_entry
@@ -234,9 +234,9 @@ class Daemon:
         except PlanError as exc:
             logger.info("job %s from %s refused: %s", job_id, short(peer), exc.message)
             raise RemoteError(exc.code, exc.message) from None
-        if plan_hash(msg.program, msg.weights, recipe) != p_hash:
+        program_key, weights_key = sha256_hex(msg.program), sha256_hex(msg.weights)  # each hashed once, here
+        if plan_hash_of(program_key, weights_key, recipe) != p_hash:
             raise RemoteError(ErrorCode.BAD_PLAN, "the plan does not match the plan_hash the request signs")
-        program_key, weights_key = sha256_hex(msg.program), sha256_hex(msg.weights)
         self._check_queue(self.store.count_jobs(peer))
         if not self.store.remember_nonce(request.nonce, request.expires_at):
             raise RemoteError(ErrorCode.REPLAY, "this job request was already received")
@@ -251,7 +251,8 @@ class Daemon:
         )
         job["timings"] = {"received": job["created"]}
         try:
-            self.store.create_job(job, [msg.program, msg.weights], ledger=(self.identity, reserve_entry),
+            self.store.create_job(job, [(program_key, msg.program), (weights_key, msg.weights)],
+                                  ledger=(self.identity, reserve_entry),
                                   max_queued=(self.config.max_queued_per_peer, self.config.max_queued))
         except QueueFull:  # concurrent submits that passed the check above together
             raise RemoteError(ErrorCode.BUSY, "too many jobs waiting on this node; try again later") from None

@@ -78,6 +78,7 @@ __all__ = [
     "load_program",
     "load_weights",
     "plan_hash",
+    "plan_hash_of",
     "program_input_shape",
     "reload_weights",
     "to_eval_module",
@@ -812,8 +813,12 @@ def plan_hash(program: bytes, weights: bytes, recipe: dict[str, Any]) -> str:
 
 
 def _plan_hash(program: bytes, weights_sha256: str, recipe: dict[str, Any]) -> str:
-    body = [hashlib.sha256(program).hexdigest(), weights_sha256, recipe]
-    return hashlib.sha256(canonical_packb(body)).hexdigest()
+    return plan_hash_of(hashlib.sha256(program).hexdigest(), weights_sha256, recipe)
+
+
+def plan_hash_of(program_sha256: str, weights_sha256: str, recipe: dict[str, Any]) -> str:
+    """:func:`plan_hash` from the sha256 (hex) of the program and of the weights, for a caller that has them."""
+    return hashlib.sha256(canonical_packb([program_sha256, weights_sha256, recipe])).hexdigest()
 
 
 @dataclass(frozen=True)

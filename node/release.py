@@ -92,7 +92,7 @@ def complete_job(store: Store, identity: Identity, job_id: str, *, weights: byte
             return []
         return [{"kind": "settle", "dataset": job["dataset"], "job_id": job["id"]}]
 
-    return store.update_job(job_id, change, blobs=[result], drop=plan_blobs, ledger=(identity, entries))
+    return store.update_job(job_id, change, blobs=[(result_hash, result)], drop=plan_blobs, ledger=(identity, entries))
 
 
 def plan_blobs(job: dict[str, Any]) -> list[str]:

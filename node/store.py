@@ -21,7 +21,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,16 @@ class QueueFull(StoreError):
 
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+Blob = bytes | tuple[str, bytes]  # the bytes, or (sha256_hex of them, the bytes) where the caller hashed them already
+
+
+def _keyed(blobs: Iterable[Blob]) -> Iterator[tuple[bytes, bytes]]:
+    """(LMDB key, bytes) per blob: a 25 MB model's weights are hashed once per job, not once per step."""
+    for blob in blobs:
+        key, data = blob if isinstance(blob, tuple) else (sha256_hex(blob), blob)
+        yield key.encode(), data
 
 
 def _pack(record: dict[str, Any]) -> bytes:
@@ -180,9 +190,10 @@ class Store:
                 txn.delete(record["data_key"].encode(), db=self._db["blobs"])
 
     # -- jobs ------------------------------------------------------------------------------------------------------
-    def create_job(self, record: dict[str, Any], blobs: list[bytes] = (),  # type: ignore[assignment]
+    def create_job(self, record: dict[str, Any], blobs: Iterable[Blob] = (),
                    *, ledger: LedgerWrite | None = None, max_queued: tuple[int, int] | None = None) -> None:
         """Persist a new job, the blobs it refers to and its ledger entries (``ledger(record)``) in one transaction.
+        A blob is its bytes, or ``(sha256_hex(bytes), bytes)`` when the caller has the hash already.
 
         ``max_queued`` = (per scientist, overall): the queue limits, checked in the same transaction, so concurrent
         submits cannot together pass them.
@@ -200,8 +211,8 @@ class Store:
                 if queued["mine"] >= max_queued[0] or queued["all"] >= max_queued[1]:
                     raise QueueFull("too many jobs waiting on this node")
             self._ledger_append(txn, ledger, record)
-            for data in blobs:
-                txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
+            for key, data in _keyed(blobs):
+                txn.put(key, data, db=self._db["blobs"], overwrite=False)
             txn.put(record["id"].encode(), _pack(record), db=self._db["jobs"])
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
@@ -211,12 +222,13 @@ class Store:
         return sorted(self._all("jobs"), key=lambda j: j.get("created", 0))
 
     def update_job(
-        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: list[bytes] = (),  # type: ignore[assignment]
+        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any]], blobs: Iterable[Blob] = (),
         *, drop: Callable[[dict[str, Any]], list[str]] | None = None, ledger: LedgerWrite | None = None,
     ) -> dict[str, Any]:
         """Apply ``change`` to a job record atomically (read, change, write in one transaction) and return the new one.
 
-        ``change`` may raise to abort; nothing is written then. ``blobs`` are stored in the same transaction, and the
+        ``change`` may raise to abort; nothing is written then. ``blobs`` (as in :meth:`create_job`) are stored in the
+        same transaction, and the
         blobs named by ``drop(new_record)`` are deleted in it unless another job (still needing them) or a dataset
         refers to them.
 
@@ -229,8 +241,8 @@ class Store:
                 raise StoreError(f"no job {job_id}")
             record = change(_unpack(raw))
             self._ledger_append(txn, ledger, record)
-            for data in blobs:
-                txn.put(sha256_hex(data).encode(), data, db=self._db["blobs"], overwrite=False)
+            for key, data in _keyed(blobs):
+                txn.put(key, data, db=self._db["blobs"], overwrite=False)
             txn.put(job_id.encode(), _pack(record), db=self._db["jobs"])
             for key in drop(record) if drop else ():
                 if key:

@@ -45,12 +45,13 @@ def test_store_jobs_blobs_and_claims(tmp_path):
     with Store.open(tmp_path / "s") as store:
         first = jobsm.new_job(job_id="1" * 32, now=1.0)
         second = jobsm.new_job(job_id="2" * 32, now=2.0)
-        store.create_job(second, [b"plan"])
+        from hivecell.node.store import sha256_hex
+        store.create_job(second, [b"plan", (sha256_hex(b"weights"), b"weights")])  # a caller may give the hash
         store.create_job(first)
         with pytest.raises(StoreError):
             store.create_job(first)
-        from hivecell.node.store import sha256_hex
         assert store.get_blob(sha256_hex(b"plan")) == b"plan"
+        assert store.get_blob(sha256_hex(b"weights")) == b"weights"
         claimed = store.claim_next_job("queued", lambda j: jobsm.transition(j, JobState.RUNNING))
         assert claimed["id"] == "1" * 32 and store.get_job("1" * 32)["state"] == "running"
         with pytest.raises(InvalidTransition):  # an aborted change writes nothing
