@@ -107,14 +107,17 @@ class _Channel:
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._read_fd, self._write_fd = read_fd, write_fd
 
-    def _read_exactly(self, n: int) -> bytes | None:
-        chunks = bytearray()
-        while len(chunks) < n:
-            chunk = os.read(self._read_fd, min(n - len(chunks), 1 << 20))
-            if not chunk:
+    def _read_exactly(self, n: int) -> bytearray | None:
+        """``n`` bytes read straight into one buffer (a job frame carries the model's weights: no copies of them)."""
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = os.readv(self._read_fd, [view[got:got + (1 << 20)]])
+            if not k:
                 return None
-            chunks += chunk
-        return bytes(chunks)
+            got += k
+        view.release()
+        return buf
 
     def read(self, *, cap: int) -> dict[str, Any] | None:
         """Read one frame; ``None`` on a clean EOF before a frame starts."""
@@ -137,10 +140,11 @@ class _Channel:
 
     def send(self, message: dict[str, Any]) -> None:
         body = canonical_packb(message)
-        data = memoryview(_HEADER.pack(len(body)) + body)
-        while data:
-            written = os.write(self._write_fd, data)
-            data = data[written:]
+        for part in (_HEADER.pack(len(body)), body):  # not joined: a result frame carries the trained weights
+            data = memoryview(part)
+            while data:
+                written = os.write(self._write_fd, data)
+                data = data[written:]
 
 
 # -- device -----------------------------------------------------------------------------------------------------------

@@ -202,6 +202,26 @@ class _FrameReader:
             self._buf += chunk
         return True
 
+    async def _take(self, n: int) -> bytearray | None:
+        """The next ``n`` bytes, received into one buffer of that size (a result frame carries the trained weights:
+        no growing buffer, no copies of it); ``None`` if the stream ends first."""
+        if len(self._buf) >= n:
+            body = self._buf[:n]
+            del self._buf[:n]
+            return body
+        body, got = bytearray(n), len(self._buf)
+        body[:got], self._buf = self._buf, bytearray()
+        while got < n:
+            chunk = await self._stream.receive_some(min(max(n - got, 65536), 1 << 22))
+            if not chunk:
+                return None
+            take = min(len(chunk), n - got)
+            body[got:got + take] = memoryview(chunk)[:take]
+            got += take
+            if take < len(chunk):  # the start of the next frame
+                self._buf += memoryview(chunk)[take:]
+        return body
+
     async def read(self, *, cap: int) -> dict[str, Any] | None:
         """One frame, or ``None`` at EOF. Raises ``ValueError`` on an oversized, truncated or malformed frame."""
         if not await self._fill(_HEADER.size):
@@ -211,10 +231,10 @@ class _FrameReader:
         (size,) = _HEADER.unpack_from(self._buf)
         if size > cap:
             raise ValueError("frame too large")
-        if not await self._fill(_HEADER.size + size):
+        del self._buf[:_HEADER.size]
+        body = await self._take(size)
+        if body is None:
             raise ValueError("truncated frame")
-        body = bytes(self._buf[_HEADER.size : _HEADER.size + size])
-        del self._buf[: _HEADER.size + size]
         try:
             value = strict_unpackb(body, max_len=cap)
         except CanonicalError:
@@ -762,7 +782,9 @@ class WorkerPool:
                     nursery.start_soon(self._watch_memory, w, limits.memory_mb + w.context_mb)
                     body = canonical_packb(message)
                     try:
-                        await w.process.stdin.send_all(_HEADER.pack(len(body)) + body)
+                        # Two writes: joining them would copy a body that carries the model's weights.
+                        await w.process.stdin.send_all(_HEADER.pack(len(body)))
+                        await w.process.stdin.send_all(body)
                         if not keep:
                             await w.process.stdin.aclose()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
