@@ -228,9 +228,8 @@ class Store:
         """Apply ``change`` to a job record atomically (read, change, write in one transaction) and return the new one.
 
         ``change`` may raise to abort; nothing is written then. ``blobs`` (as in :meth:`create_job`) are stored in the
-        same transaction, and the
-        blobs named by ``drop(new_record)`` are deleted in it unless another job (still needing them) or a dataset
-        refers to them.
+        same transaction, and the blobs named by ``drop(new_record)`` are deleted in it unless another job (still
+        needing them) or a dataset refers to them.
 
         Raises:
             StoreError: no such job.
