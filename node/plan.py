@@ -744,13 +744,8 @@ def audit_weights(weights: bytes, *, max_bytes: int = 1 << 30) -> dict[str, tupl
     return _audit_safetensors(weights, max_bytes=max_bytes)[0]
 
 
-def _audit_safetensors(weights: bytes, *, max_bytes: int
-                       ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """:func:`audit_weights`, and the header's ``__metadata__`` (``{}`` when there is none)."""
-    if not isinstance(weights, (bytes, bytearray, memoryview)):
-        raise _bad_plan("weights must be bytes")
-    if len(weights) > max_bytes:
-        raise _bad_plan("weights too large")
+def _safetensors_header(weights: bytes) -> tuple[dict[str, Any], int]:
+    """A safetensors buffer's JSON header (not yet checked beyond being a JSON object) and where its data starts."""
     if len(weights) < 8:
         raise _bad_plan("weights are not safetensors")
     (header_len,) = struct.unpack_from("<Q", weights, 0)
@@ -762,7 +757,18 @@ def _audit_safetensors(weights: bytes, *, max_bytes: int
         raise _bad_plan("weights are not safetensors") from None
     if not isinstance(header, dict):
         raise _bad_plan("weights are not safetensors")
-    data_len = len(weights) - 8 - header_len
+    return header, 8 + header_len
+
+
+def _audit_safetensors(weights: bytes, *, max_bytes: int
+                       ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """:func:`audit_weights`, and the header's ``__metadata__`` (``{}`` when there is none)."""
+    if not isinstance(weights, (bytes, bytearray, memoryview)):
+        raise _bad_plan("weights must be bytes")
+    if len(weights) > max_bytes:
+        raise _bad_plan("weights too large")
+    header, data_start = _safetensors_header(weights)
+    data_len = len(weights) - data_start
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     metadata: dict[str, str] = {}
     spans: list[tuple[int, int]] = []
@@ -977,9 +983,7 @@ def _bf16_as_float32(data: bytes) -> dict[str, np.ndarray]:
     bfloat16 is the top half of a float32: exact)."""
     import numpy as np
 
-    (header_len,) = struct.unpack_from("<Q", data, 0)
-    header = json.loads(bytes(data[8 : 8 + header_len]))
-    start = 8 + header_len
+    header, start = _safetensors_header(data)
     out: dict[str, np.ndarray] = {}
     for name, entry in header.items():
         if name == "__metadata__":
